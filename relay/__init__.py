@@ -1,0 +1,3 @@
+"""Relay: a real-time message relay server on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,522 @@
+"""RelayProtocol: one client connection, on any stream transport.
+
+The protocol is thin glue between a transport and the sans-IO codec in
+``relay.wire``.  It owns the connection's lifecycle::
+
+    INIT -> OPEN <-> DRAINING -> CLOSING -> CLOSED
+
+and its outbound path.  Frames for the client (replies and deliveries) are
+appended to an outbox; the factory flushes every dirty outbox once at the end
+of each inbound read, so a broadcast costs each member one list append and
+each member one transport write per read, however many frames it carried.
+The protocol is the transport's push producer: while the transport is paused
+(DRAINING) the outbox keeps growing, and past ``max_pending`` bytes the
+client is cut off as a slow consumer.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from relay import __version__
+from relay.rooms import has_control_character, normalize_room_name
+from relay.wire import (
+    MAX_ENVELOPE,
+    Decoder,
+    ErrorCode,
+    Flags,
+    Frame,
+    MessageType,
+    ProtocolError,
+    decode_binary_message,
+    encode,
+    encode_binary_delivery,
+    encode_error,
+    encode_json,
+    loads,
+)
+
+if TYPE_CHECKING:
+    from relay.server import RelayFactory
+
+log = Logger()
+
+MAX_USER_ID = 128
+# How long a closing connection may take to flush its last frames to a peer
+# that does not read, before it is aborted.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class State(enum.Enum):
+    INIT = "INIT"
+    OPEN = "OPEN"
+    DRAINING = "DRAINING"
+    CLOSING = "CLOSING"
+    CLOSED = "CLOSED"
+
+
+_ALLOWED_TRANSITIONS = {
+    State.INIT: {State.OPEN},
+    State.OPEN: {State.DRAINING, State.CLOSING, State.CLOSED},
+    State.DRAINING: {State.OPEN, State.CLOSING, State.CLOSED},
+    State.CLOSING: {State.CLOSED},
+    State.CLOSED: set(),
+}
+
+
+class IMessageTransport(Interface):
+    """A transport that keeps message boundaries (WebSocket).
+
+    Each element given to ``writeSequence`` is sent as one message, so the
+    protocol hands it frames one by one instead of joining them.
+    """
+
+
+class RequestError(Exception):
+    """A non-fatal refusal of one request; the connection stays usable."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: Any = None) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@implementer(IPushProducer)
+class RelayProtocol(Protocol, TimeoutMixin):
+    """One client connection speaking Relay v1."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+        config = factory.config
+        self._debug = config.debug
+        self._max_pending = config.max_pending
+        self._max_delivery = config.max_frame_size + MAX_ENVELOPE
+        self._reactor = factory.reactor
+        self.callLater = factory.reactor.callLater  # for TimeoutMixin
+        self._decoder = Decoder(config.max_frame_size)
+        self.state = State.INIT
+        self.connection_id = factory.new_connection_id()
+        self.user_id = f"anon-{self.connection_id}"
+        self.echo = False
+        self.rooms: set[str] = set()
+        self._outbox: list[bytes] = []
+        self._pending_bytes = 0
+        self._said_hello = False
+        self._requests_seen = False
+        self._close_call = None
+        self._handlers: dict[int, Callable[[Frame], None]] = {
+            MessageType.HELLO: self._on_hello,
+            MessageType.JOIN_ROOM: self._on_join,
+            MessageType.LEAVE_ROOM: self._on_leave,
+            MessageType.MESSAGE: self._on_message,
+            MessageType.HEARTBEAT: self._on_heartbeat,
+            MessageType.ERROR: self._on_client_error,
+        }
+
+    def __repr__(self) -> str:
+        return f"<RelayProtocol {self.connection_id} {self.state.value}>"
+
+    # Lifecycle
+
+    def _transition(self, new: State) -> bool:
+        old = self.state
+        if new not in _ALLOWED_TRANSITIONS[old]:
+            log.critical(
+                "BUG: illegal state transition {old} -> {new} on {conn}",
+                old=old.value,
+                new=new.value,
+                conn=self.connection_id,
+            )
+            return False
+        self.state = new
+        if self._debug:
+            log.debug(
+                "{conn} state {old} -> {new}",
+                conn=self.connection_id,
+                old=old.value,
+                new=new.value,
+            )
+        return True
+
+    @property
+    def accepting(self) -> bool:
+        """True while the connection takes new work (OPEN or DRAINING)."""
+        return self.state is State.OPEN or self.state is State.DRAINING
+
+    def connectionMade(self) -> None:
+        self._transition(State.OPEN)
+        self.transport.registerProducer(self, True)
+        self.factory.connection_opened(self)
+        log.info(
+            "{conn} connected from {peer}",
+            conn=self.connection_id,
+            peer=_describe_peer(self.transport),
+        )
+        if self.factory.over_capacity():
+            self.fail(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"the server is at its limit of {self.factory.config.max_connections} connections",
+            )
+            return
+        self.setTimeout(self.factory.config.idle_timeout)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        # Wrapping transports (autobahn's WebSocket adapter) may pass None.
+        if self.state is State.CLOSED:
+            return
+        self._transition(State.CLOSED)
+        self.setTimeout(None)
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._outbox = []
+        for room in self.rooms:
+            self.factory.registry.leave(self, room)
+        self.rooms.clear()
+        self.factory.connection_closed(self)
+        log.info(
+            "{conn} disconnected: {why}",
+            conn=self.connection_id,
+            why=reason.getErrorMessage() if reason is not None else "closed",
+        )
+
+    def timeoutConnection(self) -> None:
+        self.fail(
+            ErrorCode.HEARTBEAT_TIMEOUT,
+            f"no frame received for {self.factory.config.idle_timeout} seconds",
+        )
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        """End the connection with a fatal ERROR, written after what is queued."""
+        if not self.accepting:
+            return
+        log.info(
+            "{conn} closing: {code} {message}", conn=self.connection_id, code=code.value, message=message
+        )
+        self._transition(State.CLOSING)
+        self.setTimeout(None)
+        error = encode_error(code, message)
+        self._trace_out(error)
+        if code is ErrorCode.SLOW_CONSUMER:
+            # It cannot be flushed to: best effort, then drop it at once.
+            self._outbox = []
+            self.transport.write(error)
+            self.transport.abortConnection()
+            return
+        frames, self._outbox = self._outbox, []
+        frames.append(error)
+        self._write(frames)
+        self.transport.loseConnection()
+        self._close_call = self.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
+
+    # Inbound
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.accepting:
+            return  # nothing is parsed after a violation
+        self.resetTimeout()
+        self.factory.stats.bytes_in += len(data)
+        try:
+            for frame in self._decoder.feed(data):
+                self.factory.stats.frames_in += 1
+                if self._debug:
+                    self._trace("in", frame)
+                self._dispatch(frame)
+                if not self.accepting:
+                    break
+        except ProtocolError as error:
+            self.fail(error.code, error.message)
+        finally:
+            self.factory.flush()
+
+    def _dispatch(self, frame: Frame) -> None:
+        try:
+            self._handlers[frame.type](frame)
+        except RequestError as refusal:
+            log.info(
+                "{conn} refused a request: {code} {message}",
+                conn=self.connection_id,
+                code=refusal.code.value,
+                message=refusal.message,
+            )
+            self.enqueue(encode_error(refusal.code, refusal.message, refusal.request_id))
+
+    def _request(self, frame: Frame) -> tuple[dict[str, Any], Any]:
+        """Parse a JSON request; return its body and its ``id`` (or None)."""
+        if not frame.flags & Flags.JSON:
+            raise RequestError(ErrorCode.BAD_REQUEST, "this request needs a JSON payload")
+        body = loads(frame.payload)
+        if not isinstance(body, dict):
+            raise RequestError(ErrorCode.BAD_REQUEST, "the payload must be a JSON object")
+        request_id = body.get("id")
+        if request_id is not None and (
+            isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+        ):
+            raise RequestError(ErrorCode.BAD_REQUEST, '"id" must be a string or an integer')
+        return body, request_id
+
+    def _room_field(self, body: dict[str, Any], request_id: Any) -> str:
+        name = body.get("room")
+        if not isinstance(name, str):
+            raise RequestError(ErrorCode.BAD_REQUEST, '"room" must be a string', request_id)
+        room = normalize_room_name(name)
+        if room is None:
+            raise RequestError(
+                ErrorCode.INVALID_ROOM,
+                "a room name is 1-64 characters after trimming, with no control characters",
+                request_id,
+            )
+        return room
+
+    def _on_hello(self, frame: Frame) -> None:
+        body, request_id = self._request(frame)
+        if self._said_hello or self._requests_seen:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "HELLO is accepted once, as the first request", request_id
+            )
+        user_id = body.get("userId")
+        if user_id is not None:
+            if (
+                not isinstance(user_id, str)
+                or not 0 < len(user_id) <= MAX_USER_ID
+                or has_control_character(user_id)
+            ):
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    '"userId" must be a string of 1-128 characters with no control characters',
+                    request_id,
+                )
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise RequestError(ErrorCode.BAD_REQUEST, '"echo" must be true or false', request_id)
+        features = body.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, '"features" must be a list of strings', request_id
+            )
+        for field in ("clientVersion", "token"):
+            if not isinstance(body.get(field, ""), str):
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST, f'"{field}" must be a string', request_id
+                )
+        self._said_hello = True
+        if user_id is not None:
+            self.user_id = user_id
+        self.echo = echo
+        config = self.factory.config
+        self._reply(
+            MessageType.HELLO,
+            {
+                "status": "connected",
+                "connectionId": self.connection_id,
+                "userId": self.user_id,
+                "serverVersion": __version__,
+                "heartbeatInterval": config.heartbeat_interval,
+                "maxFrameSize": config.max_frame_size,
+                "features": [],
+            },
+            request_id,
+        )
+
+    def _on_join(self, frame: Frame) -> None:
+        self._requests_seen = True
+        body, request_id = self._request(frame)
+        room = self._room_field(body, request_id)
+        if room not in self.rooms:
+            limit = self.factory.config.max_rooms
+            if len(self.rooms) >= limit:
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    f"a connection may be in at most {limit} rooms",
+                    request_id,
+                )
+            self.rooms.add(room)
+            log.info("{conn} ({user}) joined {room}", conn=self.connection_id, user=self.user_id, room=room)
+        members = len(self.factory.registry.join(self, room))
+        self._reply(
+            MessageType.JOIN_ROOM, {"status": "joined", "room": room, "members": members}, request_id
+        )
+
+    def _on_leave(self, frame: Frame) -> None:
+        self._requests_seen = True
+        body, request_id = self._request(frame)
+        room = self._room_field(body, request_id)
+        if room in self.rooms:
+            self.rooms.discard(room)
+            self.factory.registry.leave(self, room)
+            log.info("{conn} ({user}) left {room}", conn=self.connection_id, user=self.user_id, room=room)
+        self._reply(MessageType.LEAVE_ROOM, {"status": "left", "room": room}, request_id)
+
+    def _on_message(self, frame: Frame) -> None:
+        self._requests_seen = True
+        if frame.flags & Flags.BINARY:
+            self._on_binary_message(frame)
+        else:
+            self._on_json_message(frame)
+
+    def _on_json_message(self, frame: Frame) -> None:
+        body, request_id = self._request(frame)
+        name = body.get("room")
+        if not isinstance(name, str):
+            raise RequestError(ErrorCode.BAD_REQUEST, '"room" must be a string', request_id)
+        if "content" not in body:
+            raise RequestError(ErrorCode.BAD_REQUEST, '"content" is required', request_id)
+        room = self._member_room(name, request_id)
+        delivery = encode_json(
+            MessageType.MESSAGE,
+            {
+                "room": room.name,
+                "from": self.user_id,
+                "content": body["content"],
+                "timestamp": int(self._reactor.seconds() * 1000),
+                "seq": room.next_seq(),
+            },
+        )
+        self._publish(room, delivery, request_id)
+
+    def _on_binary_message(self, frame: Frame) -> None:
+        name, data = decode_binary_message(frame.payload)
+        room = self._member_room(name, None)
+        room.next_seq()
+        payload = encode_binary_delivery(room.name, self.user_id, data)
+        self._publish(room, encode(MessageType.MESSAGE, Flags.BINARY, payload), None)
+
+    def _member_room(self, name: str, request_id: Any):
+        """The room this connection may publish to, by the name it gave."""
+        if name not in self.rooms:
+            normalized = normalize_room_name(name)
+            if normalized is None:
+                raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {name!r}", request_id)
+            if normalized not in self.rooms:
+                raise RequestError(
+                    ErrorCode.NOT_IN_ROOM, f"not a member of room {normalized!r}", request_id
+                )
+            name = normalized
+        return self.factory.registry.get(name)
+
+    def _publish(self, room, delivery: bytes, request_id: Any) -> None:
+        if len(delivery) - 4 > self._max_delivery:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST,
+                "the message would exceed the largest frame the server delivers",
+                request_id,
+            )
+        self.factory.stats.messages_published += 1
+        room.broadcast(delivery, exclude=None if self.echo else self)
+
+    def _on_heartbeat(self, frame: Frame) -> None:
+        self.enqueue(encode(MessageType.HEARTBEAT, frame.flags, frame.payload))
+
+    def _on_client_error(self, frame: Frame) -> None:
+        log.warn(
+            "{conn} sent an ERROR frame ({size} bytes); ignored",
+            conn=self.connection_id,
+            size=len(frame.payload),
+        )
+
+    def _reply(self, type_: MessageType, body: dict[str, Any], request_id: Any) -> None:
+        if request_id is not None:
+            body["id"] = request_id
+        self.enqueue(encode_json(type_, body))
+
+    # Outbound
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue one encoded frame for this client, in order.
+
+        The caller (a read, through the factory) flushes after its batch.
+        """
+        if self.state is State.OPEN:
+            if not self._outbox:
+                self.factory.mark_dirty(self)
+            self._outbox.append(frame)
+        elif self.state is State.DRAINING:
+            self._outbox.append(frame)
+            self._pending_bytes += len(frame)
+            if self._pending_bytes > self._max_pending:
+                self.fail(
+                    ErrorCode.SLOW_CONSUMER,
+                    f"more than {self._max_pending} bytes waiting to be sent",
+                )
+                return
+        else:
+            return
+        if self._debug:
+            self._trace_out(frame)
+
+    def flush(self) -> None:
+        """Write the outbox to the transport, unless it is paused or closing."""
+        if self.state is not State.OPEN or not self._outbox:
+            return
+        frames, self._outbox = self._outbox, []
+        self._write(frames)
+
+    def _write(self, frames: list[bytes]) -> None:
+        stats = self.factory.stats
+        stats.frames_out += len(frames)
+        if IMessageTransport.providedBy(self.transport):
+            stats.bytes_out += sum(map(len, frames))
+            self.transport.writeSequence(frames)
+        else:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            stats.bytes_out += len(data)
+            self.transport.write(data)
+
+    # IPushProducer: the transport tells us when its buffer is full.
+
+    def pauseProducing(self) -> None:
+        if self.state is State.OPEN:
+            self._transition(State.DRAINING)
+            self._pending_bytes = sum(map(len, self._outbox))
+
+    def resumeProducing(self) -> None:
+        if self.state is State.DRAINING:
+            self._transition(State.OPEN)
+            self._pending_bytes = 0
+            self.flush()
+
+    def stopProducing(self) -> None:
+        self._outbox = []
+
+    # Debug tracing: only called when debug logging is on.
+
+    def _trace(self, direction: str, frame: Frame) -> None:
+        log.debug(
+            "{conn} {direction} type={type} version=1 flags=0x{flags:02x} payload={size}B",
+            conn=self.connection_id,
+            direction=direction,
+            type=_type_name(frame.type),
+            flags=frame.flags,
+            size=len(frame.payload),
+        )
+
+    def _trace_out(self, data: bytes) -> None:
+        if self._debug:
+            self._trace("out", Frame(data[5], data[6], data[7:]))
+
+
+def _type_name(type_: int) -> str:
+    try:
+        return MessageType(type_).name
+    except ValueError:
+        return f"0x{type_:02x}"
+
+
+def _describe_peer(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "unknown"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(getattr(peer, "name", None) or peer)

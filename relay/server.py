@@ -1,0 +1,143 @@
+"""RelayFactory: the server side that outlives connections.
+
+It owns the configuration, the room registry, the set of live connections,
+the batch of outboxes to flush, the run statistics, and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from relay.protocol import RelayProtocol
+from relay.rooms import RoomRegistry
+from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
+
+log = Logger()
+
+# Clients get this long to take their SERVER_SHUTDOWN before being dropped.
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Limits and timeouts; every field is a command-line option."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    idle_timeout: int = 60
+    max_pending: int = 4 * 1024 * 1024
+    max_rooms: int = 64
+    max_connections: int = 50_000
+    debug: bool = False
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """The interval the HELLO ack advertises: half the idle timeout."""
+        return max(1, self.idle_timeout // 2)
+
+
+@dataclass
+class Stats:
+    """Counters for the run summary."""
+
+    started: float = 0.0
+    connections_total: int = 0
+    connections_peak: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_published: int = 0
+
+
+class RelayFactory(ServerFactory):
+    """Builds a ``RelayProtocol`` per connection and holds what they share."""
+
+    def __init__(self, config: RelayConfig | None = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config or RelayConfig()
+        self.registry = RoomRegistry()
+        self.connections: set[RelayProtocol] = set()
+        self.stats = Stats(started=reactor.seconds())
+        self._dirty: list[RelayProtocol] = []
+        self._closed_waiters: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> RelayProtocol:
+        return RelayProtocol(self)
+
+    @staticmethod
+    def new_connection_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    # Connection bookkeeping
+
+    def connection_opened(self, connection: RelayProtocol) -> None:
+        self.connections.add(connection)
+        self.stats.connections_total += 1
+        self.stats.connections_peak = max(self.stats.connections_peak, len(self.connections))
+
+    def over_capacity(self) -> bool:
+        return len(self.connections) > self.config.max_connections
+
+    def connection_closed(self, connection: RelayProtocol) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # Outbound batching
+
+    def mark_dirty(self, connection: RelayProtocol) -> None:
+        """Remember that ``connection`` has frames to write at the next flush."""
+        self._dirty.append(connection)
+
+    def flush(self) -> None:
+        """Write every outbox filled since the last flush."""
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
+    # Shutdown
+
+    def shutdown(self) -> defer.Deferred[None]:
+        """Send SERVER_SHUTDOWN to every client; fire once all are gone.
+
+        Clients still connected after the grace period are aborted.
+        """
+        for connection in list(self.connections):
+            connection.fail(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down")
+        if not self.connections:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(done)
+        abort = self.reactor.callLater(SHUTDOWN_GRACE_SECONDS, self._abort_all)
+        done.addBoth(lambda result: abort.cancel() if abort.active() else None)
+        return done
+
+    def _abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+
+    def summary(self) -> dict[str, Any]:
+        """The figures logged when the server stops."""
+        stats = self.stats
+        return {
+            "uptime": round(self.reactor.seconds() - stats.started, 3),
+            "connections_total": stats.connections_total,
+            "connections_peak": stats.connections_peak,
+            "rooms_now": len(self.registry),
+            "rooms_peak": self.registry.peak_rooms,
+            "messages_published": stats.messages_published,
+            "frames_in": stats.frames_in,
+            "frames_out": stats.frames_out,
+            "bytes_in": stats.bytes_in,
+            "bytes_out": stats.bytes_out,
+        }

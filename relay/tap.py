@@ -1,0 +1,120 @@
+"""twistd plugin glue: command-line options become services."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relay.server import RelayConfig, RelayFactory
+
+log = Logger()
+
+DEFAULT_PORT = "tcp:4000"
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not a positive integer")
+    return number
+
+
+_positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """Options of ``twistd relay``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Relay message relay. Clients connect, join rooms and every "
+        "message published to a room is fanned out to its other members."
+    )
+    optFlags = [
+        ["debug", None, "Log every frame and state transition (also RELAY_DEBUG=1)."],
+    ]
+    optParameters = [
+        ["max-frame-size", None, RelayConfig.max_frame_size, "Largest frame length accepted, in bytes.", _positive_int],
+        ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed.", _positive_int],
+        ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
+        ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
+        ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, description: str) -> None:
+        """Listen on this strports description (repeatable) [default: tcp:4000]."""
+        self["ports"].append(description)
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        if not self["ports"]:
+            self["ports"] = [DEFAULT_PORT]
+        if os.environ.get("RELAY_DEBUG", "") not in ("", "0"):
+            self["debug"] = True
+
+    def config(self) -> RelayConfig:
+        return RelayConfig(
+            max_frame_size=self["max-frame-size"],
+            idle_timeout=self["idle-timeout"],
+            max_pending=self["max-pending"],
+            max_rooms=self["max-rooms"],
+            max_connections=self["max-connections"],
+            debug=bool(self["debug"]),
+        )
+
+
+class RelayService(service.MultiService):
+    """The listeners plus the factory's lifecycle: file limit, shutdown, summary."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def startService(self) -> None:
+        raise_open_file_limit()
+        super().startService()
+        log.info("Relay started with {config}", config=self.factory.config)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        # Listeners stop first, so nobody new arrives while clients are told.
+        yield super().stopService()
+        yield self.factory.shutdown()
+        log.info("Relay stopped. Summary: {summary}", summary=self.factory.summary())
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, and log it."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:
+            log.warn("Could not raise the open file limit: {error}", error=error)
+    log.info("Open file limit: {limit}", limit=soft)
+
+
+def makeService(options: Options, reactor: Any = None) -> RelayService:
+    """Build the Relay service tree from parsed options."""
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = RelayFactory(options.config(), reactor=reactor)
+    relay = RelayService(factory)
+    for description in options["ports"]:
+        strports.service(description, factory, reactor=reactor).setServiceParent(relay)
+    return relay

@@ -1,0 +1,314 @@
+"""Relay v1 wire format: a sans-IO codec.
+
+Nothing here touches a socket, a reactor or a logger.  ``encode`` turns a frame
+into bytes; ``Decoder`` turns bytes, split or coalesced any way the network
+likes, back into frames, or raises ``ProtocolError`` at the first violation.
+
+Frame layout (all integers big-endian)::
+
+    length u32 | version u8 | type u8 | flags u8 | payload (length - 3 bytes)
+
+``length`` counts the bytes after the length field itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import struct
+from typing import Any, Iterator, NamedTuple
+
+import orjson
+
+VERSION = 1
+HEADER = struct.Struct("!IBBB")
+HEADER_SIZE = HEADER.size  # 7
+LENGTH_SIZE = 4
+MIN_LENGTH = HEADER_SIZE - LENGTH_SIZE  # version + type + flags
+DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+# A delivery may exceed the sender's frame by at most this many bytes.
+MAX_ENVELOPE = 512
+
+_U16 = struct.Struct("!H")
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 0x01
+    JOIN_ROOM = 0x02
+    LEAVE_ROOM = 0x03
+    MESSAGE = 0x04
+    HEARTBEAT = 0x05
+    ERROR = 0x06
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    JSON = 0x01
+    BINARY = 0x02
+    COMPRESSED = 0x04
+
+
+# Bits 3-7 must be zero.
+RESERVED_FLAGS = 0xFF & ~int(Flags.JSON | Flags.BINARY | Flags.COMPRESSED)
+
+
+class ErrorCode(enum.StrEnum):
+    """Every ERROR code of Relay v1; ``fatal`` says whether it ends the connection."""
+
+    INVALID_FRAME = "INVALID_FRAME"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+    UNKNOWN_MESSAGE_TYPE = "UNKNOWN_MESSAGE_TYPE"
+    PARSE_ERROR = "PARSE_ERROR"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
+    SLOW_CONSUMER = "SLOW_CONSUMER"
+    SERVER_SHUTDOWN = "SERVER_SHUTDOWN"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    BAD_REQUEST = "BAD_REQUEST"
+    INVALID_ROOM = "INVALID_ROOM"
+    NOT_IN_ROOM = "NOT_IN_ROOM"
+    RATE_LIMITED = "RATE_LIMITED"
+    FORBIDDEN = "FORBIDDEN"
+
+    @property
+    def fatal(self) -> bool:
+        return self not in _NON_FATAL
+
+
+_NON_FATAL = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.INVALID_ROOM,
+        ErrorCode.NOT_IN_ROOM,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.FORBIDDEN,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """A violation of Relay v1, carrying the ERROR code that reports it."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class Frame(NamedTuple):
+    """One decoded frame.  ``type`` is a ``MessageType`` for the base types."""
+
+    type: int
+    flags: int
+    payload: bytes = b""
+
+    @property
+    def is_json(self) -> bool:
+        return bool(self.flags & Flags.JSON)
+
+    @property
+    def is_binary(self) -> bool:
+        return bool(self.flags & Flags.BINARY)
+
+
+def encode(type: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    """Return the wire bytes of one frame."""
+    return HEADER.pack(MIN_LENGTH + len(payload), VERSION, type, flags) + payload
+
+
+def encode_json(type: int, body: Any) -> bytes:
+    """Return the wire bytes of a frame whose payload is ``body`` as JSON."""
+    return encode(type, Flags.JSON, dumps(body))
+
+
+def encode_error(code: ErrorCode, message: str, request_id: Any = None) -> bytes:
+    """Return the wire bytes of an ERROR frame."""
+    body: dict[str, Any] = {"code": code.value, "message": message, "fatal": code.fatal}
+    if request_id is not None:
+        body["id"] = request_id
+    return encode_json(MessageType.ERROR, body)
+
+
+class Decoder:
+    """Incremental frame decoder.
+
+    Feed it bytes as they arrive; it yields each complete frame.  Header checks
+    run as soon as the 7 header bytes are in, so an oversize or malformed frame
+    is refused before its payload is buffered.  After it has raised, it stays
+    broken: every later ``feed`` raises the same error.
+    """
+
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        known_types: frozenset[int] = frozenset(MessageType),
+        allow_compressed: bool = False,
+    ) -> None:
+        self.max_frame_size = max_frame_size
+        self.known_types = known_types
+        self.allow_compressed = allow_compressed
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes wait for the rest of their frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        """Add ``data`` and yield every frame it completes, in order.
+
+        Raises ``ProtocolError`` when the stream reaches a violation; frames
+        before it are yielded first.  Stop iterating early and the unread
+        frames stay buffered for the next call.
+        """
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        try:
+            while len(buffer) - offset >= HEADER_SIZE:
+                length, version, type_, flags = HEADER.unpack_from(buffer, offset)
+                self._check_header(length, version, type_, flags)
+                end = offset + LENGTH_SIZE + length
+                if end > len(buffer):
+                    break
+                frame = Frame(type_, flags, bytes(buffer[offset + HEADER_SIZE : end]))
+                offset = end
+                yield frame
+            else:
+                self._check_partial_header(buffer, offset)
+        except ProtocolError as error:
+            self._error = error
+            offset = len(buffer)
+            raise
+        finally:
+            del buffer[:offset]
+
+    def _check_partial_header(self, buffer: bytearray, offset: int) -> None:
+        available = len(buffer) - offset
+        if available >= LENGTH_SIZE:
+            (length,) = struct.unpack_from("!I", buffer, offset)
+            self._check_length(length)
+        if available > LENGTH_SIZE:
+            self._check_version(buffer[offset + LENGTH_SIZE])
+
+    def _check_length(self, length: int) -> None:
+        if length < MIN_LENGTH:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, f"length {length} is less than {MIN_LENGTH}"
+            )
+        if length > self.max_frame_size:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"length {length} exceeds the maximum frame size {self.max_frame_size}",
+            )
+
+    @staticmethod
+    def _check_version(version: int) -> None:
+        if version != VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"version {version} is not supported; this server speaks {VERSION}",
+            )
+
+    def _check_header(self, length: int, version: int, type_: int, flags: int) -> None:
+        self._check_length(length)
+        self._check_version(version)
+        if type_ not in self.known_types:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MESSAGE_TYPE, f"message type 0x{type_:02x} is not known"
+            )
+        if flags & RESERVED_FLAGS:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, f"reserved flag bits set in 0x{flags:02x}"
+            )
+        if flags & Flags.JSON and flags & Flags.BINARY:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, "the JSON and BINARY flags are exclusive"
+            )
+        if flags & Flags.COMPRESSED and not self.allow_compressed:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, "compression was not negotiated"
+            )
+
+
+# JSON: orjson for speed, except where it would lose information.  orjson turns
+# integers wider than 64 bits into floats; the standard library keeps them exact.
+_WIDE_INTEGER = re.compile(rb"\d{20}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(payload: bytes) -> Any:
+    """Parse a JSON payload, raising PARSE_ERROR if it is not UTF-8 JSON."""
+    try:
+        if _WIDE_INTEGER.search(payload) is None:
+            return orjson.loads(payload)
+        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ProtocolError(ErrorCode.PARSE_ERROR, f"payload is not JSON: {error}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise ``value`` as compact UTF-8 JSON."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers orjson cannot represent
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_binary_message(room: str, data: bytes) -> bytes:
+    """Payload of a client's binary MESSAGE: ``u16 room length | room | data``."""
+    room_bytes = room.encode()
+    return _U16.pack(len(room_bytes)) + room_bytes + data
+
+
+def decode_binary_message(payload: bytes) -> tuple[str, bytes]:
+    """Split a client's binary MESSAGE payload into ``(room, data)``."""
+    room, offset = _read_string(payload, 0)
+    return room, payload[offset:]
+
+
+def encode_binary_delivery(room: str, sender: str, data: bytes) -> bytes:
+    """Payload of a binary MESSAGE delivered to members."""
+    room_bytes = room.encode()
+    sender_bytes = sender.encode()
+    return b"".join(
+        (
+            _U16.pack(len(room_bytes)),
+            room_bytes,
+            _U16.pack(len(sender_bytes)),
+            sender_bytes,
+            data,
+        )
+    )
+
+
+def decode_binary_delivery(payload: bytes) -> tuple[str, str, bytes]:
+    """Split a delivered binary MESSAGE payload into ``(room, sender, data)``."""
+    room, offset = _read_string(payload, 0)
+    sender, offset = _read_string(payload, offset)
+    return room, sender, payload[offset:]
+
+
+def _read_string(payload: bytes, offset: int) -> tuple[str, int]:
+    if len(payload) < offset + _U16.size:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "binary payload too short for its header")
+    (size,) = _U16.unpack_from(payload, offset)
+    start = offset + _U16.size
+    end = start + size
+    if len(payload) < end:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "binary name runs past the payload")
+    try:
+        return payload[start:end].decode("utf-8"), end
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "binary name is not UTF-8") from None

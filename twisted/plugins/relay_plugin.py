@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+relay = ServiceMaker(
+    "Relay",
+    "relay.tap",
+    "Real-time message relay: rooms and fan-out over one binary framed protocol.",
+    "relay",
+)
