@@ -114,13 +114,20 @@ class RelayFactory(ServerFactory):
         """
         for connection in list(self.connections):
             connection.fail(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down")
-        if not self.connections:
-            return defer.succeed(None)
-        done: defer.Deferred[None] = defer.Deferred()
-        self._closed_waiters.append(done)
+        done = self.wait_closed()
+        if done.called:
+            return done
         abort = self.reactor.callLater(SHUTDOWN_GRACE_SECONDS, self._abort_all)
         done.addBoth(lambda result: abort.cancel() if abort.active() else None)
         return done
+
+    def wait_closed(self) -> defer.Deferred[None]:
+        """A Deferred that fires once no connection is left."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(waiter)
+        return waiter
 
     def _abort_all(self) -> None:
         for connection in list(self.connections):

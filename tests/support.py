@@ -1,0 +1,125 @@
+"""Shared pieces for the integration tests: a real server on loopback and a
+raw frame client that speaks Relay v1 through the project's codec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.trial import unittest
+
+from relay.server import RelayConfig, RelayFactory
+from relay.wire import Decoder, Flags, Frame, MessageType, encode, encode_json, loads
+
+
+class FrameClient(protocol.Protocol):
+    """A minimal Relay client for tests: sends frames, collects what arrives.
+
+    ``next_frame()`` returns a Deferred for the next frame not yet taken.
+    """
+
+    def __init__(self) -> None:
+        # Deliveries may exceed the frame limit by the envelope.
+        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+        self.frames: list[Frame] = []
+        self._taken = 0
+        self._waiters: list[defer.Deferred[Frame]] = []
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            self.frames.append(frame)
+        self._wake()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = False
+        self._wake()
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def _wake(self) -> None:
+        while self._waiters and self._taken < len(self.frames):
+            frame = self.frames[self._taken]
+            self._taken += 1
+            self._waiters.pop(0).callback(frame)
+        if not self.connected:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(ConnectionError("connection closed"))
+
+    def next_frame(self) -> defer.Deferred[Frame]:
+        waiter: defer.Deferred[Frame] = defer.Deferred()
+        self._waiters.append(waiter)
+        self._wake()
+        return waiter
+
+    async def next_json(self) -> tuple[int, dict[str, Any]]:
+        frame = await self.next_frame()
+        assert frame.flags & Flags.JSON, frame
+        return frame.type, loads(frame.payload)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_json(self, type_: MessageType, body: Any) -> None:
+        self.send(encode_json(type_, body))
+
+    def send_frame(self, type_: int, flags: int = 0, payload: bytes = b"") -> None:
+        self.send(encode(type_, flags, payload))
+
+    async def request(self, type_: MessageType, body: Any) -> tuple[int, dict[str, Any]]:
+        self.send_json(type_, body)
+        return await self.next_json()
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        type_, body = await self.request(MessageType.HELLO, fields)
+        assert type_ == MessageType.HELLO, body
+        return body
+
+    async def join(self, room: str) -> dict[str, Any]:
+        type_, body = await self.request(MessageType.JOIN_ROOM, {"room": room})
+        assert type_ == MessageType.JOIN_ROOM, body
+        return body
+
+
+class LoopbackServerMixin:
+    """Runs a RelayFactory on a real loopback TCP port for one test."""
+
+    def start_server(self: Any, **config: Any) -> RelayFactory:
+        self.factory = RelayFactory(RelayConfig(**config), reactor=reactor)
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        d = endpoint.listen(self.factory)
+
+        def listening(port: Any) -> RelayFactory:
+            self.port = port
+            self.addCleanup(port.stopListening)
+            # Runs after the clients' cleanups: wait for the server side too.
+            self.addCleanup(self.factory.wait_closed)
+            return self.factory
+
+        return d.addCallback(listening)
+
+    async def connect(self: Any, factory: Any = None) -> FrameClient:
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        client = await endpoints.connectProtocol(endpoint, FrameClient())
+        self.addCleanup(_disconnect, client)
+        return client
+
+
+def _disconnect(client: FrameClient) -> defer.Deferred[None]:
+    if client.connected:
+        client.transport.abortConnection()
+    return client.closed
+
+
+class IntegrationTestCase(LoopbackServerMixin, unittest.TestCase):
+    """Trial test case with a fresh server per test; ``await self.connect()``."""
+
+    server_config: dict[str, Any] = {}
+
+    def setUp(self) -> defer.Deferred[RelayFactory]:
+        return self.start_server(**self.server_config)
