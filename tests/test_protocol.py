@@ -1,0 +1,595 @@
+"""RelayProtocol unit tests: StringTransport for the wire, Clock for time."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial import unittest
+
+from relay.protocol import CLOSE_GRACE_SECONDS, RelayProtocol, State
+from relay.server import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
+from relay.wire import (
+    Decoder,
+    ErrorCode,
+    Flags,
+    Frame,
+    MessageType,
+    decode_binary_delivery,
+    encode,
+    encode_binary_message,
+    encode_json,
+    loads,
+)
+
+
+class Peer:
+    """One server-side connection and what its client has received so far."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.transport = StringTransport()
+        self.protocol: RelayProtocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def send_json(self, type_: MessageType, body: Any) -> None:
+        self.send(encode_json(type_, body))
+
+    def received(self) -> list[Frame]:
+        """Frames written since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return list(self._decoder.feed(data))
+
+    def replies(self) -> list[tuple[int, Any]]:
+        return [
+            (f.type, loads(f.payload) if f.flags & Flags.JSON else f.payload)
+            for f in self.received()
+        ]
+
+    def only_reply(self) -> tuple[int, Any]:
+        (reply,) = self.replies()
+        return reply
+
+    @property
+    def closing(self) -> bool:
+        return self.transport.disconnecting
+
+
+class ProtocolTestCase(unittest.TestCase):
+    config = RelayConfig(idle_timeout=60, max_pending=10_000, max_rooms=3)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.factory = RelayFactory(self.config, reactor=self.clock)
+
+    def peer(self, **hello: Any) -> Peer:
+        peer = Peer(self.factory)
+        if hello:
+            peer.send_json(MessageType.HELLO, hello)
+            type_, body = peer.only_reply()
+            self.assertEqual(type_, MessageType.HELLO, body)
+        return peer
+
+    def joined(self, room: str = "lobby", **hello: Any) -> Peer:
+        peer = self.peer(**hello)
+        peer.send_json(MessageType.JOIN_ROOM, {"room": room})
+        self.assertEqual(peer.only_reply()[1]["status"], "joined")
+        return peer
+
+    def assert_error(self, reply: tuple[int, Any], code: ErrorCode, request_id: Any = None) -> None:
+        type_, body = reply
+        self.assertEqual(type_, MessageType.ERROR, body)
+        self.assertEqual(body["code"], code.value)
+        self.assertEqual(body["fatal"], code.fatal)
+        self.assertIsInstance(body["message"], str)
+        self.assertEqual(body.get("id"), request_id)
+
+
+class HelloTests(ProtocolTestCase):
+    def test_ack_reports_identity_and_limits(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.HELLO, {"userId": "alice", "clientVersion": "x", "id": "h1"})
+        type_, body = peer.only_reply()
+        self.assertEqual(type_, MessageType.HELLO)
+        self.assertEqual(body["status"], "connected")
+        self.assertEqual(body["userId"], "alice")
+        self.assertEqual(body["connectionId"], peer.protocol.connection_id)
+        self.assertEqual(body["heartbeatInterval"], 30)
+        self.assertEqual(body["maxFrameSize"], self.config.max_frame_size)
+        self.assertEqual(body["features"], [])
+        self.assertEqual(body["id"], "h1")
+        self.assertIsInstance(body["serverVersion"], str)
+
+    def test_anonymous_user_without_hello(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": "hi"})
+        sender = bob.only_reply()[1]["from"]
+        self.assertTrue(sender.startswith("anon-"))
+        self.assertEqual(sender, alice.protocol.user_id)
+
+    def test_unsupported_features_are_not_enabled(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.HELLO, {"features": ["zlib", "future"]})
+        self.assertEqual(peer.only_reply()[1]["features"], [])
+
+    def test_second_hello_is_refused_but_harmless(self) -> None:
+        peer = self.peer(userId="alice")
+        peer.send_json(MessageType.HELLO, {"userId": "mallory", "id": 2})
+        self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST, 2)
+        self.assertEqual(peer.protocol.user_id, "alice")
+        self.assertFalse(peer.closing)
+
+    def test_bad_fields_are_bad_requests(self) -> None:
+        for body in (
+            {"userId": ""},
+            {"userId": "x" * 129},
+            {"userId": 5},
+            {"userId": "a\nb"},
+            {"echo": "yes"},
+            {"features": "zlib"},
+            {"token": 1},
+        ):
+            peer = self.peer()
+            peer.send_json(MessageType.HELLO, dict(body, id=1))
+            self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST, 1)
+            self.assertFalse(peer.closing)
+
+    def test_user_id_of_128_characters_is_honoured(self) -> None:
+        peer = self.peer(userId="é" * 128)
+        self.assertEqual(peer.protocol.user_id, "é" * 128)
+
+    def test_unknown_fields_are_ignored(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.HELLO, {"userId": "a", "future": {"x": 1}})
+        self.assertEqual(peer.only_reply()[1]["status"], "connected")
+
+
+class RequestValidationTests(ProtocolTestCase):
+    def test_id_is_echoed_as_given(self) -> None:
+        peer = self.peer()
+        for request_id in (0, -5, 2**40, "abc", ""):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r", "id": request_id})
+            self.assertEqual(peer.only_reply()[1]["id"], request_id)
+
+    def test_id_of_another_type_is_a_bad_request(self) -> None:
+        peer = self.peer()
+        for request_id in (1.5, True, None, [1], {"a": 1}):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r", "id": request_id})
+            if request_id is None:
+                self.assertEqual(peer.only_reply()[1]["status"], "joined")
+            else:
+                self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST)
+
+    def test_request_without_json_flag_is_a_bad_request(self) -> None:
+        peer = self.peer()
+        peer.send(encode(MessageType.JOIN_ROOM, Flags.BINARY, b'{"room":"r"}'))
+        self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST)
+        peer.send(encode(MessageType.JOIN_ROOM))
+        self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST)
+
+    def test_json_that_is_not_an_object_is_a_bad_request(self) -> None:
+        peer = self.peer()
+        peer.send(encode(MessageType.JOIN_ROOM, Flags.JSON, b'["room"]'))
+        self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST)
+
+    def test_replies_come_in_request_order(self) -> None:
+        peer = self.peer()
+        peer.send(
+            encode_json(MessageType.JOIN_ROOM, {"room": "a", "id": 1})
+            + encode_json(MessageType.MESSAGE, {"room": "zzz", "content": 1, "id": 2})
+            + encode(MessageType.HEARTBEAT, 0, b"3")
+            + encode_json(MessageType.LEAVE_ROOM, {"room": "a", "id": 4})
+        )
+        replies = peer.replies()
+        self.assertEqual(
+            [t for t, _ in replies],
+            [MessageType.JOIN_ROOM, MessageType.ERROR, MessageType.HEARTBEAT, MessageType.LEAVE_ROOM],
+        )
+        self.assertEqual(replies[1][1]["id"], 2)
+        self.assertEqual(replies[2][1], b"3")
+
+
+class RoomTests(ProtocolTestCase):
+    def test_join_ack_counts_members(self) -> None:
+        self.joined("r")
+        peer = self.peer()
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "r", "id": 9})
+        self.assertEqual(
+            peer.only_reply(),
+            (MessageType.JOIN_ROOM, {"status": "joined", "room": "r", "members": 2, "id": 9}),
+        )
+
+    def test_joining_twice_is_acked_again(self) -> None:
+        peer = self.joined("r")
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+        self.assertEqual(peer.only_reply()[1]["members"], 1)
+
+    def test_room_names_are_trimmed(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "  a b \t"})
+        self.assertEqual(peer.only_reply()[1]["room"], "a b")
+        self.assertIn("a b", self.factory.registry)
+
+    def test_invalid_room_names(self) -> None:
+        peer = self.peer()
+        for name in ("", "   ", "x" * 65, "a\x00b", "bell\x07", "c1\x85c1"):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": name, "id": 3})
+            self.assert_error(peer.only_reply(), ErrorCode.INVALID_ROOM, 3)
+        self.assertEqual(len(self.factory.registry), 0)
+        self.assertFalse(peer.closing)
+
+    def test_sixty_four_code_points_is_a_valid_name(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "€" * 64})
+        self.assertEqual(peer.only_reply()[1]["status"], "joined")
+
+    def test_missing_or_mistyped_room_is_a_bad_request(self) -> None:
+        peer = self.peer()
+        for body in ({}, {"room": 5}, {"room": None}):
+            peer.send_json(MessageType.JOIN_ROOM, dict(body, id="x"))
+            self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST, "x")
+
+    def test_room_limit_per_connection(self) -> None:
+        peer = self.peer()
+        for name in ("a", "b", "c"):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": name})
+            peer.received()
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "d"})
+        self.assert_error(peer.only_reply(), ErrorCode.BAD_REQUEST)
+        peer.send_json(MessageType.JOIN_ROOM, {"room": "a"})
+        self.assertEqual(peer.only_reply()[1]["status"], "joined")
+
+    def test_leave_is_idempotent(self) -> None:
+        peer = self.joined("r")
+        for _ in range(2):
+            peer.send_json(MessageType.LEAVE_ROOM, {"room": " r ", "id": 1})
+            self.assertEqual(
+                peer.only_reply(),
+                (MessageType.LEAVE_ROOM, {"status": "left", "room": "r", "id": 1}),
+            )
+        peer.send_json(MessageType.LEAVE_ROOM, {"room": "never"})
+        self.assertEqual(peer.only_reply()[1]["status"], "left")
+
+    def test_last_member_leaving_deletes_the_room(self) -> None:
+        alice = self.joined("r")
+        bob = self.joined("r")
+        alice.send_json(MessageType.LEAVE_ROOM, {"room": "r"})
+        self.assertIn("r", self.factory.registry)
+        bob.send_json(MessageType.LEAVE_ROOM, {"room": "r"})
+        self.assertNotIn("r", self.factory.registry)
+
+
+class MessageTests(ProtocolTestCase):
+    def test_members_receive_and_sender_is_excluded(self) -> None:
+        alice = self.joined(userId="alice")
+        bob = self.joined(userId="bob")
+        carol = self.joined(userId="carol")
+        outsider = self.peer(userId="dave")
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": {"t": "hi"}})
+        expected = {
+            "room": "lobby",
+            "from": "alice",
+            "content": {"t": "hi"},
+            "timestamp": 1_700_000_000_000,
+            "seq": 1,
+        }
+        self.assertEqual(bob.only_reply(), (MessageType.MESSAGE, expected))
+        self.assertEqual(carol.only_reply(), (MessageType.MESSAGE, expected))
+        self.assertEqual(alice.replies(), [])
+        self.assertEqual(outsider.replies(), [])
+
+    def test_echo_includes_the_sender(self) -> None:
+        alice = self.joined(userId="alice", echo=True)
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertEqual(alice.only_reply()[1]["content"], 1)
+
+    def test_every_member_gets_the_same_bytes(self) -> None:
+        self.joined(userId="alice", echo=True)
+        members = [self.joined() for _ in range(3)]
+        members[0].send_json(MessageType.MESSAGE, {"room": "lobby", "content": [1, 2]})
+        deliveries = [m.transport.value() for m in members[1:]]
+        self.assertEqual(len(set(deliveries)), 1)
+
+    def test_null_content_is_relayed(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": None})
+        self.assertIsNone(bob.only_reply()[1]["content"])
+
+    def test_missing_content_is_a_bad_request(self) -> None:
+        alice = self.joined()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "id": 4})
+        self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST, 4)
+
+    def test_publishing_outside_a_room(self) -> None:
+        self.joined("other")
+        alice = self.joined("mine")
+        for room in ("other", "nowhere"):
+            alice.send_json(MessageType.MESSAGE, {"room": room, "content": 1, "id": room})
+            self.assert_error(alice.only_reply(), ErrorCode.NOT_IN_ROOM, room)
+        alice.send_json(MessageType.MESSAGE, {"room": "\x00", "content": 1})
+        self.assert_error(alice.only_reply(), ErrorCode.INVALID_ROOM)
+        self.assertFalse(alice.closing)
+
+    def test_room_name_is_trimmed_when_publishing(self) -> None:
+        alice = self.joined("r")
+        bob = self.joined("r")
+        alice.send_json(MessageType.MESSAGE, {"room": "  r", "content": 1})
+        self.assertEqual(bob.only_reply()[1]["room"], "r")
+
+    def test_sequence_numbers_count_publishes_per_room(self) -> None:
+        alice = self.joined("r")
+        bob = self.joined("r")
+        for _ in range(3):
+            alice.send_json(MessageType.MESSAGE, {"room": "r", "content": 0})
+        self.assertEqual([body["seq"] for _, body in bob.replies()], [1, 2, 3])
+
+    def test_per_room_order_is_kept(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        alice.send(
+            b"".join(
+                encode_json(MessageType.MESSAGE, {"room": "lobby", "content": n})
+                for n in range(100)
+            )
+        )
+        self.assertEqual([body["content"] for _, body in bob.replies()], list(range(100)))
+
+    def test_binary_message_is_relayed_byte_for_byte(self) -> None:
+        alice = self.joined(userId="alice")
+        bob = self.joined()
+        data = bytes(range(256))
+        alice.send(encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("lobby", data)))
+        (frame,) = bob.received()
+        self.assertEqual(frame.flags, Flags.BINARY)
+        self.assertEqual(decode_binary_delivery(frame.payload), ("lobby", "alice", data))
+
+    def test_binary_message_outside_a_room_is_not_in_room(self) -> None:
+        alice = self.joined()
+        alice.send(encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("x", b"1")))
+        self.assert_error(alice.only_reply(), ErrorCode.NOT_IN_ROOM)
+
+    def test_delivery_larger_than_the_envelope_allows_is_refused(self) -> None:
+        factory = RelayFactory(RelayConfig(max_frame_size=1000), reactor=self.clock)
+        alice, bob = Peer(factory), Peer(factory)
+        for peer in (alice, bob):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+            peer.received()
+        # 1e15 is re-serialised as 1000000000000000.0: the delivery outgrows
+        # the 512 bytes a server may add to a frame.
+        numbers = b",".join([b"1e15"] * 190)
+        alice.send(encode(MessageType.MESSAGE, Flags.JSON, b'{"room":"r","content":[' + numbers + b"]}"))
+        self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST)
+        self.assertEqual(bob.replies(), [])
+
+
+class HeartbeatTests(ProtocolTestCase):
+    def test_heartbeat_is_echoed_with_flags_and_payload(self) -> None:
+        peer = self.peer()
+        for flags, payload in ((0, b""), (Flags.BINARY, b"\x00\x01"), (Flags.JSON, b'{"n":1}')):
+            peer.send(encode(MessageType.HEARTBEAT, flags, payload))
+            self.assertEqual(peer.received(), [Frame(MessageType.HEARTBEAT, flags, payload)])
+
+    def test_silence_past_the_idle_timeout_closes(self) -> None:
+        peer = self.peer()
+        self.clock.advance(59)
+        self.assertFalse(peer.closing)
+        self.clock.advance(1)
+        self.assert_error(peer.only_reply(), ErrorCode.HEARTBEAT_TIMEOUT)
+        self.assertTrue(peer.closing)
+        self.assertEqual(peer.protocol.state, State.CLOSING)
+
+    def test_any_frame_counts_as_liveness(self) -> None:
+        peer = self.peer()
+        for _ in range(5):
+            self.clock.advance(50)
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+        self.assertFalse(peer.closing)
+        self.assertEqual([t for t, _ in peer.replies()], [MessageType.JOIN_ROOM] * 5)
+
+    def test_client_error_frame_is_ignored(self) -> None:
+        peer = self.peer()
+        peer.send_json(MessageType.ERROR, {"code": "X"})
+        self.assertEqual(peer.replies(), [])
+        self.assertFalse(peer.closing)
+        peer.send(encode(MessageType.HEARTBEAT))
+        self.assertEqual(len(peer.received()), 1)
+
+
+class FatalErrorTests(ProtocolTestCase):
+    HEARTBEAT = encode(MessageType.HEARTBEAT)
+
+    def assert_fatal(self, violation: bytes, code: ErrorCode) -> Peer:
+        peer = self.joined("r")
+        # A heartbeat before the violation is answered; one after it is not.
+        peer.send(self.HEARTBEAT + violation + self.HEARTBEAT)
+        replies = peer.replies()
+        self.assertEqual(replies[0], (MessageType.HEARTBEAT, b""))
+        self.assertEqual(len(replies), 2, replies)
+        self.assert_error(replies[1], code)
+        self.assertTrue(peer.closing)
+        peer.send(self.HEARTBEAT)
+        self.assertEqual(peer.received(), [])
+        return peer
+
+    def test_length_below_three(self) -> None:
+        self.assert_fatal(struct.pack("!IBB", 2, 1, 5), ErrorCode.INVALID_FRAME)
+
+    def test_reserved_flags(self) -> None:
+        self.assert_fatal(encode(MessageType.HEARTBEAT, 0x10), ErrorCode.INVALID_FRAME)
+
+    def test_json_and_binary(self) -> None:
+        self.assert_fatal(encode(MessageType.MESSAGE, 0x03, b"{}"), ErrorCode.INVALID_FRAME)
+
+    def test_compression_not_negotiated(self) -> None:
+        self.assert_fatal(encode(MessageType.MESSAGE, 0x05, b"x"), ErrorCode.INVALID_FRAME)
+
+    def test_bad_binary_layout(self) -> None:
+        self.assert_fatal(
+            encode(MessageType.MESSAGE, Flags.BINARY, b"\x00\x09r"), ErrorCode.INVALID_FRAME
+        )
+
+    def test_frame_too_large(self) -> None:
+        self.assert_fatal(struct.pack("!I", self.config.max_frame_size + 1), ErrorCode.FRAME_TOO_LARGE)
+
+    def test_unsupported_version(self) -> None:
+        self.assert_fatal(struct.pack("!IBBB", 3, 2, 5, 0), ErrorCode.UNSUPPORTED_VERSION)
+
+    def test_unknown_message_type(self) -> None:
+        self.assert_fatal(encode(0x42), ErrorCode.UNKNOWN_MESSAGE_TYPE)
+
+    def test_parse_error(self) -> None:
+        self.assert_fatal(encode(MessageType.JOIN_ROOM, Flags.JSON, b"{nope"), ErrorCode.PARSE_ERROR)
+
+    def test_parse_error_in_a_message(self) -> None:
+        self.assert_fatal(encode(MessageType.MESSAGE, Flags.JSON, b"\xff"), ErrorCode.PARSE_ERROR)
+
+    def test_close_is_forced_when_the_peer_does_not_read(self) -> None:
+        peer = self.assert_fatal(encode(0x42), ErrorCode.UNKNOWN_MESSAGE_TYPE)
+        self.assertFalse(peer.transport.disconnected)
+        self.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertTrue(peer.transport.disconnected)
+
+    def test_too_many_connections(self) -> None:
+        factory = RelayFactory(RelayConfig(max_connections=1), reactor=self.clock)
+        first, second = Peer(factory), Peer(factory)
+        self.assertFalse(first.closing)
+        self.assert_error(second.only_reply(), ErrorCode.TOO_MANY_CONNECTIONS)
+        self.assertTrue(second.closing)
+        second.protocol.connectionLost(None)
+        self.assertEqual(factory.connections, {first.protocol})
+
+
+class BackpressureTests(ProtocolTestCase):
+    def test_pause_drains_and_resume_opens(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        bob.protocol.pauseProducing()
+        self.assertEqual(bob.protocol.state, State.DRAINING)
+        for n in range(3):
+            alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": n})
+        self.assertEqual(bob.received(), [])
+        # Inbound frames are still processed while draining.
+        bob.send(encode(MessageType.HEARTBEAT))
+        bob.protocol.resumeProducing()
+        self.assertEqual(bob.protocol.state, State.OPEN)
+        replies = bob.replies()
+        self.assertEqual([body["content"] for _, body in replies[:3]], [0, 1, 2])
+        self.assertEqual(replies[3], (MessageType.HEARTBEAT, b""))
+
+    def test_slow_consumer_is_cut_off_and_others_still_served(self) -> None:
+        alice = self.joined()
+        slow = self.joined()
+        fast = self.joined()
+        slow.protocol.pauseProducing()
+        message = encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "x" * 1000})
+        for _ in range(11):
+            alice.send(message)
+        self.assert_error(slow.only_reply(), ErrorCode.SLOW_CONSUMER)
+        self.assertTrue(slow.transport.disconnected)
+        self.assertEqual(len(fast.received()), 11)
+        self.assertFalse(alice.closing)
+        alice.send(message)
+        self.assertEqual(len(fast.received()), 1)
+        self.assertEqual(slow.received(), [])
+
+    def test_queue_below_the_limit_is_kept(self) -> None:
+        alice = self.joined()
+        slow = self.joined()
+        slow.protocol.pauseProducing()
+        message = encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "x" * 1000})
+        for _ in range(9):
+            alice.send(message)
+        self.assertFalse(slow.closing)
+        slow.protocol.resumeProducing()
+        self.assertEqual(len(slow.received()), 9)
+
+
+class LifecycleTests(ProtocolTestCase):
+    def test_membership_is_cleaned_up_exactly_once(self) -> None:
+        alice = self.joined("a")
+        alice.send_json(MessageType.JOIN_ROOM, {"room": "b"})
+        alice.received()
+        bob = self.joined("a")
+        alice.protocol.connectionLost(None)
+        alice.protocol.connectionLost(None)
+        self.assertEqual(alice.protocol.state, State.CLOSED)
+        self.assertNotIn("b", self.factory.registry)
+        self.assertEqual(len(self.factory.registry.get("a")), 1)
+        self.assertEqual(self.factory.connections, {bob.protocol})
+        bob.send_json(MessageType.MESSAGE, {"room": "a", "content": 1})
+        self.assertEqual(alice.received(), [])
+
+    def test_nothing_is_written_after_close(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        bob.protocol.connectionLost(None)
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        bob.protocol.enqueue(encode(MessageType.HEARTBEAT))
+        bob.protocol.flush()
+        self.assertEqual(bob.received(), [])
+
+    def test_illegal_transition_is_logged_as_a_bug(self) -> None:
+        peer = self.peer()
+        peer.protocol.connectionLost(None)
+        with capturedLogs() as events:
+            peer.protocol.resumeProducing()
+            self.assertFalse(peer.protocol._transition(State.OPEN))
+        self.assertEqual(peer.protocol.state, State.CLOSED)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.critical])
+
+    def test_transitions_are_logged_only_with_debug(self) -> None:
+        for debug, expected in ((False, 0), (True, 2)):
+            factory = RelayFactory(RelayConfig(debug=debug), reactor=self.clock)
+            with capturedLogs() as events:
+                peer = Peer(factory)
+                peer.protocol.pauseProducing()
+            transitions = [e for e in events if "state" in e["log_format"]]
+            self.assertEqual(len(transitions), expected)
+
+    def test_debug_logs_every_frame_in_and_out(self) -> None:
+        factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
+        peer = Peer(factory)
+        with capturedLogs() as events:
+            peer.send(encode(MessageType.HEARTBEAT, Flags.BINARY, b"abc"))
+        traces = [e for e in events if e.get("direction")]
+        self.assertEqual([e["direction"] for e in traces], ["in", "out"])
+        self.assertEqual(traces[0]["size"], 3)
+        self.assertEqual(traces[0]["conn"], peer.protocol.connection_id)
+
+    def test_no_per_frame_logging_without_debug(self) -> None:
+        alice = self.joined()
+        with capturedLogs() as events:
+            alice.send(encode(MessageType.HEARTBEAT) * 10)
+            alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertEqual(events, [])
+
+
+class ShutdownTests(ProtocolTestCase):
+    def test_every_client_is_told_and_closed(self) -> None:
+        peers = [self.joined() for _ in range(3)]
+        done = self.factory.shutdown()
+        for peer in peers:
+            self.assert_error(peer.only_reply(), ErrorCode.SERVER_SHUTDOWN)
+            self.assertTrue(peer.closing)
+        self.assertNoResult(done)
+        for peer in peers:
+            peer.protocol.connectionLost(None)
+        self.successResultOf(done)
+
+    def test_clients_that_linger_are_aborted(self) -> None:
+        peer = self.joined()
+        done = self.factory.shutdown()
+        self.clock.advance(SHUTDOWN_GRACE_SECONDS)
+        self.assertTrue(peer.transport.disconnected)
+        peer.protocol.connectionLost(None)
+        self.successResultOf(done)
