@@ -7,8 +7,10 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from relay.server import RelayConfig, RelayFactory
 
@@ -73,12 +75,39 @@ class Options(usage.Options):
         )
 
 
+@implementer(IStreamServerEndpoint)
+class _RecordingEndpoint:
+    """Wraps a server endpoint to remember the port it listens on."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, ports: list[IListeningPort]) -> None:
+        self._endpoint = endpoint
+        self._ports = ports
+
+    def listen(self, factory: Any) -> defer.Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self._ports.append(port)
+            log.info("Listening on {address}", address=port.getHost())
+            return port
+
+        return self._endpoint.listen(factory).addCallback(record)
+
+
 class RelayService(service.MultiService):
     """The listeners plus the factory's lifecycle: file limit, shutdown, summary."""
 
     def __init__(self, factory: RelayFactory) -> None:
         super().__init__()
         self.factory = factory
+        self.listening_ports: list[IListeningPort] = []
+
+    def listen(self, description: str, factory: Any) -> None:
+        """Add a listener for a strports description, serving ``factory``.
+
+        A port that cannot be bound makes startService raise.
+        """
+        listener = strports.service(description, factory, reactor=self.factory.reactor)
+        listener.endpoint = _RecordingEndpoint(listener.endpoint, self.listening_ports)
+        listener.setServiceParent(self)
 
     def startService(self) -> None:
         raise_open_file_limit()
@@ -116,5 +145,5 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     factory = RelayFactory(options.config(), reactor=reactor)
     relay = RelayService(factory)
     for description in options["ports"]:
-        strports.service(description, factory, reactor=reactor).setServiceParent(relay)
+        relay.listen(description, factory)
     return relay
