@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -28,6 +28,7 @@ from zope.interface import Interface, implementer
 
 from relay import __version__
 from relay.rooms import has_control_character, normalize_room_name
+from relay.tls import certificate_user_id
 from relay.wire import (
     MAX_ENVELOPE,
     Decoder,
@@ -90,7 +91,7 @@ class RequestError(Exception):
         self.request_id = request_id
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class RelayProtocol(Protocol, TimeoutMixin):
     """One client connection speaking Relay v1."""
 
@@ -106,6 +107,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.state = State.INIT
         self.connection_id = factory.new_connection_id()
         self.user_id = f"anon-{self.connection_id}"
+        # Set from a verified client certificate; HELLO cannot change it.
+        self.certified_user_id: str | None = None
         self.echo = False
         self.rooms: set[str] = set()
         self._outbox: list[bytes] = []
@@ -187,6 +190,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
             conn=self.connection_id,
             why=reason.getErrorMessage() if reason is not None else "closed",
         )
+
+    def handshakeCompleted(self) -> None:
+        """A TLS transport finished its handshake: a client certificate
+        (only ever requested, and so only present, when a client CA is
+        configured) names the user."""
+        user_id = certificate_user_id(self.transport.getPeerCertificate())
+        if user_id is not None:
+            self.user_id = self.certified_user_id = user_id
 
     def timeoutConnection(self) -> None:
         self.fail(
@@ -292,6 +303,12 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 raise RequestError(
                     ErrorCode.BAD_REQUEST,
                     '"userId" must be a string of 1-128 characters with no control characters',
+                    request_id,
+                )
+            if self.certified_user_id not in (None, user_id):
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    f'"userId" must be {self.certified_user_id!r}, the client certificate\'s name',
                     request_id,
                 )
         echo = body.get("echo", False)
