@@ -1,0 +1,760 @@
+"""relay-bench: a fan-out load generator for any Relay v1 server.
+
+It opens subscriber and publisher connections over Twisted client endpoints,
+joins every subscriber to its room before the first publish, then publishes
+for a warm-up and a measured window and reports what the server sustained::
+
+    relay-bench --subscribers 100 --publishers 1 --rooms 1 --duration 10
+
+At ``--rate 0`` (the default) each publisher keeps at most ``--window``
+messages in flight, counted against the slowest subscriber of its room, so
+the figure is a rate the server sustains rather than a queue filling up.
+
+Counting must cost far less than producing: subscribers count deliveries
+with ``bytes.count`` of the frame header (JSON payloads can never contain the
+raw control bytes of a header), or by walking length prefixes for binary
+frames.  One subscriber per room, the tracker, parses frames to sample
+latency from the send time each publisher writes into the content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from relay.tap import raise_open_file_limit
+from relay.wire import (
+    HEADER,
+    HEADER_SIZE,
+    LENGTH_SIZE,
+    MIN_LENGTH,
+    VERSION,
+    Flags,
+    MessageType,
+    encode_json,
+)
+
+log = Logger()
+
+DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=4000"
+ROOM_PREFIX = "bench-"
+# At full speed a publisher may be this far ahead of its room's tracker, in
+# messages and in bytes, whichever is less: enough for the server to read
+# big batches, little enough to stay far below its slow-consumer limit.
+DEFAULT_WINDOW = 1000
+WINDOW_BYTES = 1 << 20
+MIN_WINDOW = 8
+# How often the slowest subscriber of each room is looked up (and, at a fixed
+# rate, how often publishers catch up with their schedule).
+PUMP_INTERVAL = 0.002
+PROGRESS_INTERVAL = 1.0
+# Connections opened at once: more would overflow the server's listen backlog.
+CONNECT_CONCURRENCY = 100
+DEFAULT_DRAIN = 5.0
+# At full speed the tracker parses every Nth delivery for latency.
+SAMPLE_EVERY = 16
+# Read size for bench connections: fewer, larger reads cost less per byte.
+READ_SIZE = 1 << 20
+STAMP_FORMAT = b"%017.6f"
+STAMP_SIZE = len(STAMP_FORMAT % 0.0)
+PAD_BYTE = b"x"
+_LENGTH = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+# Version, MESSAGE, JSON and the opening of the JSON object: JSON text never
+# holds raw control bytes, so this only occurs at the start of a delivery.
+JSON_DELIVERY_MARKER = bytes([VERSION, MessageType.MESSAGE, Flags.JSON]) + b'{"'
+CONTENT_KEY = b'"content":"'
+PERCENTILES = (50, 90, 99)
+MB = 1_000_000
+
+
+@dataclass
+class BenchConfig:
+    """What to run; the command-line options, one for one."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    subscribers: int = 100
+    publishers: int = 1
+    rooms: int = 1
+    size: int = 64
+    rate: float = 0.0
+    duration: float = 10.0
+    warmup: float = 2.0
+    window: int = 0  # 0: DEFAULT_WINDOW, or fewer for large messages
+    drain: float = DEFAULT_DRAIN
+    binary: bool = False
+    server_pid: int | None = None
+    progress: bool = True
+
+
+# Frame helpers: only what a load generator needs, kept cheap.
+
+
+def split_frames(buffer: bytearray) -> list[tuple[int, int, bytes]]:
+    """Remove every complete frame from ``buffer``; return (type, flags, payload)."""
+    frames = []
+    offset = 0
+    end_of_data = len(buffer)
+    while end_of_data - offset >= HEADER_SIZE:
+        length, _version, type_, flags = HEADER.unpack_from(buffer, offset)
+        end = offset + LENGTH_SIZE + length
+        if end > end_of_data:
+            break
+        frames.append((type_, flags, bytes(buffer[offset + HEADER_SIZE : end])))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
+def stamp(now: float) -> bytes:
+    """The send time as it is written at the start of a message's content."""
+    return STAMP_FORMAT % now
+
+
+def read_stamp(data: bytes | bytearray, offset: int) -> float | None:
+    try:
+        return float(data[offset : offset + STAMP_SIZE])
+    except ValueError:
+        return None
+
+
+def json_message(room: str, size: int) -> tuple[bytes, bytes]:
+    """Wire bytes of a JSON MESSAGE, split around the send stamp.
+
+    The content is a string of exactly ``size`` characters (at least the stamp).
+    """
+    pad = PAD_BYTE * max(0, size - STAMP_SIZE)
+    body = json.dumps({"room": room, "content": ""}, separators=(",", ":")).encode()
+    before, after = body.rsplit(b'""', 1)
+    before += b'"'
+    after = pad + b'"' + after
+    length = MIN_LENGTH + len(before) + STAMP_SIZE + len(after)
+    header = HEADER.pack(length, VERSION, MessageType.MESSAGE, Flags.JSON)
+    return header + before, after
+
+
+def binary_message(room: str, size: int) -> tuple[bytes, bytes]:
+    """Wire bytes of a binary MESSAGE, split around the send stamp."""
+    room_bytes = room.encode()
+    pad = PAD_BYTE * max(0, size - STAMP_SIZE)
+    payload_size = _U16.size + len(room_bytes) + STAMP_SIZE + len(pad)
+    header = HEADER.pack(MIN_LENGTH + payload_size, VERSION, MessageType.MESSAGE, Flags.BINARY)
+    return header + _U16.pack(len(room_bytes)) + room_bytes, pad
+
+
+def delivery_stamp(flags: int, payload: bytes) -> float | None:
+    """The send time carried by a delivered MESSAGE, or None."""
+    if flags & Flags.BINARY:
+        offset = 0
+        for _ in range(2):  # room, then sender
+            if len(payload) < offset + _U16.size:
+                return None
+            (size,) = _U16.unpack_from(payload, offset)
+            offset += _U16.size + size
+        return read_stamp(payload, offset)
+    at = payload.find(CONTENT_KEY)
+    if at < 0:
+        return None
+    return read_stamp(payload, at + len(CONTENT_KEY))
+
+
+# Connections
+
+
+class BenchConnection(Protocol):
+    """HELLO, JOIN_ROOM, then whatever the subclass does with deliveries.
+
+    ``ready`` fires once the join is acknowledged; ``count`` is the number of
+    deliveries received since.
+    """
+
+    def __init__(self, name: str, room: str, on_lost: Callable[[BenchConnection], None]) -> None:
+        self.name = name
+        self.room = room
+        self.count = 0
+        self.ready: defer.Deferred[BenchConnection] = defer.Deferred()
+        self.joined = False
+        self.connected_ = False
+        self._handshake = bytearray()
+        self._on_lost = on_lost
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        # Larger reads: the bench must cost less per delivery than the server.
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = READ_SIZE
+        self.transport.write(
+            encode_json(MessageType.HELLO, {"userId": self.name, "clientVersion": "relay-bench"})
+            + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.joined:
+            self.deliveries(data)
+            return
+        self._handshake += data
+        for type_, _flags, payload in split_frames(self._handshake):
+            if type_ == MessageType.ERROR:
+                self._fail(f"{self.name} got an ERROR: {payload!r}")
+                return
+            if type_ == MessageType.JOIN_ROOM:
+                self.joined = True
+        if self.joined:
+            rest, self._handshake = bytes(self._handshake), bytearray()
+            self.ready.callback(self)
+            if rest:
+                self.deliveries(rest)
+
+    def _fail(self, why: str) -> None:
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(why))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected_ = False
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(f"{self.name} lost its connection while joining"))
+        self._on_lost(self)
+
+    def deliveries(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class MarkerCounter(BenchConnection):
+    """Counts JSON deliveries by their header bytes, without parsing them."""
+
+    _TAIL = len(JSON_DELIVERY_MARKER) - 1
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._tail = b""
+
+    def deliveries(self, data: bytes) -> None:
+        marker = JSON_DELIVERY_MARKER
+        # A marker split between two reads shows up only in their seam.
+        seam = self._tail + data[: self._TAIL]
+        self.count += data.count(marker) + seam.count(marker)
+        if len(data) >= self._TAIL:
+            self._tail = data[-self._TAIL :]
+        else:  # a read shorter than the marker: the seam goes further back
+            self._tail = (self._tail + data)[-self._TAIL :]
+
+
+class LengthWalker(BenchConnection):
+    """Counts frames by hopping from length prefix to length prefix.
+
+    For binary deliveries, whose payload may hold any byte: cheap when
+    frames are large.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._skip = 0  # bytes of the current frame still to come
+        self._partial = b""  # the first bytes of a length prefix
+
+    def deliveries(self, data: bytes) -> None:
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        position = self._skip
+        end = len(data)
+        unpack = _LENGTH.unpack_from
+        count = 0
+        while position + LENGTH_SIZE <= end:
+            position += LENGTH_SIZE + unpack(data, position)[0]
+            count += 1
+        self.count += count
+        if position > end:
+            self._skip = position - end
+        else:
+            self._skip = 0
+            self._partial = data[position:]
+
+
+class Tracker(BenchConnection):
+    """Parses every frame: counts them and samples latency from their stamps.
+
+    ``on_progress`` is called after each read, so publishers can top up at
+    once instead of at the next tick.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sample_every: int,
+        clock: Callable[[], float],
+        on_progress: Callable[[], None],
+    ) -> None:
+        super().__init__(*args)
+        self.sample_every = sample_every
+        self.sampling = False
+        self.latencies: list[float] = []
+        self._clock = clock
+        self._on_progress = on_progress
+        self._buffer = bytearray()
+
+    def deliveries(self, data: bytes) -> None:
+        self._buffer += data
+        frames = split_frames(self._buffer)
+        first = self.count
+        self.count += len(frames)
+        if self.sampling:
+            self._sample(frames, first)
+        self._on_progress()
+
+    def _sample(self, frames: list[tuple[int, int, bytes]], first: int) -> None:
+        now = self._clock()
+        every = self.sample_every
+        for index in range(-first % every, len(frames), every):
+            _type, flags, payload = frames[index]
+            sent = delivery_stamp(flags, payload)
+            if sent is not None:
+                self.latencies.append(now - sent)
+
+
+class Publisher(BenchConnection):
+    """Publishes stamped messages to its room; ignores what it receives."""
+
+    def __init__(self, *args: Any, size: int, binary: bool, clock: Callable[[], float]) -> None:
+        super().__init__(*args)
+        make = binary_message if binary else json_message
+        self._before, self._after = make(self.room, size)
+        self._clock = clock
+        self.published = 0
+
+    def deliveries(self, data: bytes) -> None:
+        self.count += 1  # reads, not frames: other publishers' messages
+
+    def publish(self, count: int) -> None:
+        """Write ``count`` messages at once, each stamped with the time now."""
+        if count <= 0 or not self.connected_:
+            return
+        message = self._before + stamp(self._clock()) + self._after
+        self.transport.write(message * count if count > 1 else message)
+        self.published += count
+
+
+@dataclass
+class RoomPlan:
+    """The connections of one room and how far its slowest subscriber got."""
+
+    name: str
+    subscribers: list[BenchConnection] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
+    tracker: Tracker | None = None
+    slowest: int = 0  # deliveries to the slowest subscriber, at the last tick
+
+    @property
+    def published(self) -> int:
+        return sum(p.published for p in self.publishers)
+
+    def update_slowest(self) -> None:
+        if self.subscribers:
+            self.slowest = min(s.count for s in self.subscribers)
+        else:
+            self.slowest = self.published
+
+    def floor(self, window: int) -> int:
+        """How far deliveries have got, for flow control.
+
+        The tracker's count, fresh after each of its reads; but never more
+        than a window ahead of the slowest subscriber, so what is in flight
+        to any subscriber stays under two windows.
+        """
+        if self.tracker is None:
+            return self.published
+        return min(self.tracker.count, self.slowest + window)
+
+    def received(self) -> int:
+        return sum(s.count for s in self.subscribers)
+
+    def expected(self) -> int:
+        return self.published * len(self.subscribers)
+
+
+# Resource usage
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) used by this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time used by process ``pid`` so far, from /proc; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    # Fields 14 and 15 of proc(5) (utime, stime); the split dropped the first two.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int | None:
+    """Resident set size of process ``pid``; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Snapshot:
+    at: float
+    published: int
+    received: int
+    cpu: float
+    server_cpu: float | None
+
+    @classmethod
+    def take(cls, bench: Bench) -> Snapshot:
+        pid = bench.config.server_pid
+        return cls(
+            at=bench.clock(),
+            published=sum(r.published for r in bench.rooms),
+            received=sum(r.received() for r in bench.rooms),
+            cpu=cpu_seconds(),
+            server_cpu=process_cpu_seconds(pid) if pid else None,
+        )
+
+
+def percentile(ordered: list[float], percent: float) -> float:
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(percent / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+# The run
+
+
+class Bench:
+    """One benchmark run against a server; ``run()`` fires with the report."""
+
+    def __init__(self, config: BenchConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = time.monotonic
+        self.rooms = [RoomPlan(f"{ROOM_PREFIX}{index}") for index in range(config.rooms)]
+        self.window = config.window or max(
+            MIN_WINDOW, min(DEFAULT_WINDOW, WINDOW_BYTES // max(1, config.size))
+        )
+        self.lost_connections = 0
+        self.measuring = False
+        self.publishing = False
+        self._pump_loop: task.LoopingCall | None = None
+        self._progress_loop: task.LoopingCall | None = None
+        self._last_progress: Snapshot | None = None
+
+    # Connecting
+
+    def _lost(self, connection: BenchConnection) -> None:
+        if connection.joined:
+            self.lost_connections += 1
+
+    def _plan(self) -> list[BenchConnection]:
+        config = self.config
+        sample_every = 1 if config.rate else SAMPLE_EVERY
+        connections: list[BenchConnection] = []
+        counter = LengthWalker if config.binary else MarkerCounter
+        for index in range(config.subscribers):
+            room = self.rooms[index % config.rooms]
+            name = f"bench-sub-{index}"
+            if room.tracker is None:
+                subscriber = room.tracker = Tracker(
+                    name,
+                    room.name,
+                    self._lost,
+                    sample_every=sample_every,
+                    clock=self.clock,
+                    on_progress=self._top_up_callback(room),
+                )
+            else:
+                subscriber = counter(name, room.name, self._lost)
+            room.subscribers.append(subscriber)
+            connections.append(subscriber)
+        for index in range(config.publishers):
+            room = self.rooms[index % config.rooms]
+            publisher = Publisher(
+                f"bench-pub-{index}",
+                room.name,
+                self._lost,
+                size=config.size,
+                binary=config.binary,
+                clock=self.clock,
+            )
+            room.publishers.append(publisher)
+            connections.append(publisher)
+        return connections
+
+    async def _connect_all(self, connections: list[BenchConnection]) -> None:
+        endpoint = clientFromString(self.reactor, self.config.endpoint)
+        semaphore = defer.DeferredSemaphore(CONNECT_CONCURRENCY)
+
+        async def connect(connection: BenchConnection) -> None:
+            await connectProtocol(endpoint, connection)
+            await connection.ready
+
+        def connect_one(connection: BenchConnection) -> defer.Deferred[None]:
+            return defer.ensureDeferred(connect(connection))
+
+        await defer.gatherResults(
+            [semaphore.run(connect_one, c) for c in connections], consumeErrors=True
+        )
+
+    # Publishing
+
+    def _pump(self) -> None:
+        """Look up the slowest subscribers; top up publishers or keep to the rate."""
+        config = self.config
+        for room in self.rooms:
+            room.update_slowest()
+        if not self.publishing:
+            return
+        if config.rate:
+            due = int((self.clock() - self._started) * config.rate)
+            for room in self.rooms:
+                for publisher in room.publishers:
+                    publisher.publish(due - publisher.published)
+            return
+        for room in self.rooms:
+            self._top_up(room)
+
+    def _top_up_callback(self, room: RoomPlan) -> Callable[[], None]:
+        def top_up() -> None:
+            if self.publishing and not self.config.rate:
+                self._top_up(room)
+
+        return top_up
+
+    def _top_up(self, room: RoomPlan) -> None:
+        """Let the room's publishers send until their window is full again."""
+        publishers = room.publishers
+        if not publishers:
+            return
+        window = self.window
+        # The room's publishers share one window per publisher.
+        free = window * len(publishers) - (room.published - room.floor(window))
+        # Top up by at least a quarter window: fewer, larger writes.
+        if free < window // 4:
+            return
+        share = max(1, free // len(publishers))
+        for publisher in publishers:
+            publisher.publish(share)
+
+    def _progress(self) -> None:
+        now = Snapshot.take(self)
+        last, self._last_progress = self._last_progress, now
+        if last is None or not self.config.progress:
+            return
+        elapsed = now.at - last.at
+        delivered = (now.received - last.received) / elapsed
+        published = (now.published - last.published) / elapsed
+        payload = delivered * self.config.size / MB
+        phase = "measuring" if self.measuring else "warming up" if self.publishing else "draining"
+        sys.stderr.write(
+            f"\r{phase:>10}: published {published:>10,.0f}/s  delivered {delivered:>12,.0f}/s"
+            f"  {payload:>9,.1f} MB/s  in flight {self._in_flight():>7,}  "
+        )
+        sys.stderr.flush()
+
+    def _in_flight(self) -> int:
+        """Messages the slowest subscriber of the most lagging room still lacks."""
+        return max(r.published - r.slowest for r in self.rooms)
+
+    async def run(self) -> dict[str, Any]:
+        config = self.config
+        server_rss_before = process_rss_bytes(config.server_pid) if config.server_pid else None
+        connections = self._plan()
+        connect_started = self.clock()
+        await self._connect_all(connections)
+        connect_seconds = self.clock() - connect_started
+        server_rss_connected = process_rss_bytes(config.server_pid) if config.server_pid else None
+
+        self._progress_loop = task.LoopingCall(self._progress)
+        self._progress_loop.clock = self.reactor
+        self._progress_loop.start(PROGRESS_INTERVAL)
+        self._pump_loop = task.LoopingCall(self._pump)
+        self._pump_loop.clock = self.reactor
+        interval = PUMP_INTERVAL
+        if config.rate and 1 / config.rate > interval:
+            interval = 1 / config.rate
+        self._started = self.clock()
+        self.publishing = config.publishers > 0
+        self._pump_loop.start(interval)
+        try:
+            await task.deferLater(self.reactor, config.warmup, lambda: None)
+            for room in self.rooms:
+                if room.tracker is not None:
+                    room.tracker.sampling = True
+            self.measuring = True
+            start = Snapshot.take(self)
+            await task.deferLater(self.reactor, config.duration, lambda: None)
+            end = Snapshot.take(self)
+            self.measuring = False
+            for room in self.rooms:
+                if room.tracker is not None:
+                    room.tracker.sampling = False
+            self.publishing = False
+            drain_seconds = await self._drain()
+        finally:
+            self._pump_loop.stop()
+            self._progress_loop.stop()
+            if config.progress:
+                sys.stderr.write("\n")
+            for connection in connections:
+                if connection.connected_:
+                    connection.transport.loseConnection()
+        return self._report(
+            start,
+            end,
+            connect_seconds=connect_seconds,
+            drain_seconds=drain_seconds,
+            server_rss_before=server_rss_before,
+            server_rss_connected=server_rss_connected,
+            connections=len(connections),
+        )
+
+    async def _drain(self) -> float:
+        """Wait until every subscriber has every message, or the drain timeout."""
+        started = self.clock()
+        deadline = started + self.config.drain
+        while self.clock() < deadline:
+            if all(r.received() >= r.expected() for r in self.rooms):
+                break
+            await task.deferLater(self.reactor, PUMP_INTERVAL * 10, lambda: None)
+        return self.clock() - started
+
+    def _report(self, start: Snapshot, end: Snapshot, **extra: Any) -> dict[str, Any]:
+        config = self.config
+        elapsed = end.at - start.at
+        delivered = (end.received - start.received) / elapsed
+        latencies = sorted(l for r in self.rooms if r.tracker for l in r.tracker.latencies)
+        expected = sum(r.expected() for r in self.rooms)
+        received = sum(r.received() for r in self.rooms)
+        report: dict[str, Any] = {
+            "config": asdict(config),
+            "seconds": round(elapsed, 3),
+            "published_per_second": round((end.published - start.published) / elapsed),
+            "delivered_per_second": round(delivered),
+            "payload_mb_per_second": round(delivered * config.size / MB, 1),
+            "latency_ms": {
+                **{f"p{p}": round(percentile(latencies, p) * 1000, 3) for p in PERCENTILES},
+                "max": round(latencies[-1] * 1000, 3) if latencies else None,
+                "samples": len(latencies),
+            },
+            "expected": expected,
+            "received": received,
+            "lost": max(0, expected - received),
+            "duplicated": max(0, received - expected),
+            "lost_connections": self.lost_connections,
+            "bench_cpu_percent": round(100 * (end.cpu - start.cpu) / elapsed, 1),
+            "server_cpu_percent": None,
+            "connect_seconds": round(extra["connect_seconds"], 3),
+            "drain_seconds": round(extra["drain_seconds"], 3),
+            "connections": extra["connections"],
+        }
+        if start.server_cpu is not None and end.server_cpu is not None:
+            report["server_cpu_percent"] = round(100 * (end.server_cpu - start.server_cpu) / elapsed, 1)
+        before, connected = extra["server_rss_before"], extra["server_rss_connected"]
+        if before is not None and connected is not None and extra["connections"]:
+            report["server_rss_mb"] = round(connected / MB, 1)
+            report["server_rss_per_connection_kib"] = round(
+                (connected - before) / extra["connections"] / 1024, 2
+            )
+        return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few human-readable lines."""
+    latency = report["latency_ms"]
+    lines = [
+        f"published   {report['published_per_second']:>14,} msgs/s",
+        f"delivered   {report['delivered_per_second']:>14,} msgs/s"
+        f"   ({report['payload_mb_per_second']:,} MB/s of payload)",
+        f"latency     p50 {latency['p50']} ms  p90 {latency['p90']} ms  p99 {latency['p99']} ms"
+        f"  max {latency['max']} ms  ({latency['samples']:,} samples)",
+        f"lost        {report['lost']:,} of {report['expected']:,} expected deliveries"
+        f"  ({report['lost_connections']} connections lost)",
+        f"cpu         bench {report['bench_cpu_percent']}%  server {report['server_cpu_percent']}%",
+    ]
+    if "server_rss_per_connection_kib" in report:
+        lines.append(
+            f"memory      server RSS {report['server_rss_mb']} MB,"
+            f" {report['server_rss_per_connection_kib']} KiB per connection"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
+    """The run described by the command line, and whether to print JSON."""
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(
+        prog="relay-bench",
+        description="Measure fan-out throughput and latency of a Relay v1 server.",
+    )
+    add = parser.add_argument
+    add("--endpoint", default=defaults.endpoint, help="Twisted client endpoint of the server [%(default)s].")
+    add("--subscribers", type=int, default=defaults.subscribers, help="Subscriber connections [%(default)s].")
+    add("--publishers", type=int, default=defaults.publishers, help="Publisher connections [%(default)s].")
+    add("--rooms", type=int, default=defaults.rooms, help="Rooms; connections are dealt out round robin [%(default)s].")
+    add("--size", type=int, default=defaults.size, help="Content bytes per message [%(default)s].")
+    add("--rate", type=float, default=defaults.rate, help="Messages/s per publisher; 0 is as fast as the server sustains [%(default)s].")
+    add("--duration", type=float, default=defaults.duration, help="Seconds measured [%(default)s].")
+    add("--warmup", type=float, default=defaults.warmup, help="Seconds of publishing before measuring [%(default)s].")
+    add("--window", type=int, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
+    add("--drain", type=float, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
+    add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
+    add("--server-pid", type=int, default=None, help="Report this process's CPU and memory as the server's.")
+    add("--json", action="store_true", help="Print the report as one JSON object.")
+    add("--quiet", action="store_true", help="No live progress line on stderr.")
+    args = parser.parse_args(argv)
+    if args.rooms < 1 or args.subscribers < 0 or args.publishers < 0 or args.window < 0:
+        parser.error("--rooms must be positive, counts and --window not negative")
+    config = BenchConfig(
+        endpoint=args.endpoint,
+        subscribers=args.subscribers,
+        publishers=args.publishers,
+        rooms=args.rooms,
+        size=args.size,
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        window=args.window,
+        drain=args.drain,
+        binary=args.binary,
+        server_pid=args.server_pid,
+        progress=not args.quiet,
+    )
+    return config, args.json
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``relay-bench``."""
+    config, as_json = parse_args(argv)
+    raise_open_file_limit()
+
+    async def run(reactor: Any) -> None:
+        report = await Bench(config, reactor).run()
+        print(json.dumps(report) if as_json else format_report(report))
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
