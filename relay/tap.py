@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from relay import tls
 from relay.server import RelayConfig, RelayFactory
 
 log = Logger()
@@ -46,11 +47,14 @@ class Options(usage.Options):
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
+        ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
+        self["websockets"] = []
+        self["allowed-origins"] = []
 
     def opt_port(self, description: str) -> None:
         """Listen on this strports description (repeatable) [default: tcp:4000]."""
@@ -58,9 +62,22 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_websocket(self, description: str) -> None:
+        """Serve WebSocket at /relay and the demo page at / on this strports description; ssl: gives wss (repeatable)."""
+        self["websockets"].append(description)
+
+    def opt_allowed_origins(self, origins: str) -> None:
+        """Comma-separated browser origins allowed to open WebSockets, * as wildcard (repeatable) [default: any]."""
+        self["allowed-origins"].extend(o.strip() for o in origins.split(",") if o.strip())
+
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
+        if not self["allowed-origins"]:
+            self["allowed-origins"] = ["*"]
+        client_ca = self["tls-client-ca"]
+        if client_ca is not None and not os.path.isfile(client_ca):
+            raise usage.UsageError(f"--tls-client-ca: no such file: {client_ca}")
         if os.environ.get("RELAY_DEBUG", "") not in ("", "0"):
             self["debug"] = True
 
@@ -144,6 +161,14 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         from twisted.internet import reactor
     factory = RelayFactory(options.config(), reactor=reactor)
     relay = RelayService(factory)
+    client_ca = options["tls-client-ca"]
     for description in options["ports"]:
-        relay.listen(description, factory)
+        relay.listen(*tls.listener(description, factory, client_ca))
+    if options["websockets"]:
+        # Imported here so that `twistd relay` without WebSocket does not pay for autobahn.
+        from relay.websocket import make_site
+
+        site = make_site(factory, options["allowed-origins"])
+        for description in options["websockets"]:
+            relay.listen(*tls.listener(description, site, client_ca))
     return relay

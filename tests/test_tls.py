@@ -9,12 +9,14 @@ import trustme
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, reactor, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from relay import tls
 from relay.server import RelayConfig, RelayFactory
+from relay.tap import Options, makeService
 from relay.wire import ErrorCode, MessageType
 from tests.support import FrameClient, _disconnect
 
@@ -210,3 +212,36 @@ class DescriptionTests(unittest.TestCase):
             f"ssl:port=4443:privateKey={key}:certKey={cert}:interface=\\:\\:1:backlog=5"
         )
         self.assertEqual(tcp, r"tcp:4443:interface=\:\:1:backlog=5")
+
+
+class ServiceTests(unittest.TestCase):
+    """``twistd relay --port ssl:... --tls-client-ca ...`` end to end."""
+
+    async def test_ssl_port_with_client_ca_from_the_command_line(self) -> None:
+        directory = temporary_directory(self)
+        key = write_pem(directory, "key.pem", SERVER_CERT.private_key_pem)
+        cert = write_pem(directory, "cert.pem", SERVER_CERT.cert_chain_pems[0])
+        ca = write_pem(directory, "ca.pem", CA.cert_pem)
+        options = Options()
+        options.parseOptions(
+            ["--port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1", "--tls-client-ca", ca]
+        )
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        (port,) = service.listening_ports
+        creator = ssl.optionsForClientTLS(
+            "localhost",
+            trustRoot=ssl.Certificate.loadPEM(CA.cert_pem.bytes()),
+            clientCertificate=ssl.PrivateCertificate.loadPEM(
+                CLIENT_CERT.private_key_and_cert_chain_pem.bytes()
+            ),
+        )
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await endpoints.connectProtocol(endpoints.wrapClientTLS(creator, tcp), FrameClient())
+        self.addCleanup(_disconnect, client)
+        self.assertEqual((await client.hello())["userId"], "alice")
+
+    def test_missing_client_ca_file_is_a_usage_error(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--tls-client-ca", "/nonexistent/ca.pem"])

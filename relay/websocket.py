@@ -1,0 +1,224 @@
+"""Relay over WebSocket, plus the browser demo page, on one HTTP listener.
+
+``/relay`` upgrades to WebSocket (autobahn) and runs an unchanged
+``RelayProtocol`` on top; ``/`` serves ``relay/static/index.html``.
+
+Binary WebSocket messages carry Relay frame bytes as a byte stream: the bytes
+of every message go to ``RelayProtocol.dataReceived``, so a frame may be split
+across messages and several frames may share one.  Towards the client, each
+frame is a message of its own (``IMessageTransport``).
+
+Backpressure works as on TCP: the relay connection is registered as the push
+producer of the socket underneath the WebSocket, so it is paused (DRAINING)
+when that socket's buffer fills.  autobahn's own wrapping adapter cannot do
+this, which is why Relay has its own.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.interfaces import IConsumer, ISSLTransport, ITransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from relay.protocol import IMessageTransport, RelayProtocol
+from relay.server import RelayFactory
+from relay.wire import LENGTH_SIZE
+
+log = Logger()
+
+PATH = b"relay"
+# Offered by clients, in our order of preference.
+SUBPROTOCOLS = ("relay.v1", "binary")
+TEXT_REFUSED = "Relay speaks binary WebSocket messages only"
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_NORMAL = 1000
+# A client gets this long to finish the HTTP upgrade.
+OPEN_HANDSHAKE_TIMEOUT = 10.0
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def origin_patterns(origins: Iterable[str]) -> list[str]:
+    """autobahn's origin patterns for the origins a browser page may have.
+
+    autobahn matches patterns against ``scheme://host:port`` with the port
+    always spelled out; an origin given without one gets its scheme's
+    default port, so ``https://chat.example`` means what it says.
+    """
+    patterns = []
+    for origin in origins:
+        scheme, separator, host = origin.partition("://")
+        if separator and ":" not in host and scheme in _DEFAULT_PORTS:
+            origin = f"{origin}:{_DEFAULT_PORTS[scheme]}"
+        patterns.append(origin)
+    return patterns
+
+
+def max_message_size(max_frame_size: int) -> int:
+    """The largest WebSocket message accepted: one frame of the largest
+    length plus its length prefix."""
+    return max_frame_size + LENGTH_SIZE
+
+
+@implementer(IMessageTransport, ITransport, IConsumer)
+class MessageTransport:
+    """The transport a ``RelayProtocol`` sees on a WebSocket connection.
+
+    Writes become binary messages, one per frame; producer registration,
+    aborts and addresses go to the stream under the WebSocket.
+    """
+
+    def __init__(self, websocket: RelayWebSocketProtocol) -> None:
+        self._websocket = websocket
+
+    @property
+    def _stream(self) -> Any:
+        return self._websocket.transport
+
+    def _is_open(self) -> bool:
+        return self._websocket.state == WebSocketProtocol.STATE_OPEN
+
+    def write(self, data: bytes) -> None:
+        # Like a TCP transport after loseConnection, drop late writes
+        # instead of raising in the middle of a broadcast.
+        if self._is_open():
+            self._websocket.sendMessage(data, isBinary=True)
+
+    def writeSequence(self, frames: Iterable[bytes]) -> None:
+        for frame in frames:
+            self.write(frame)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._stream.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._stream.unregisterProducer()
+
+    def loseConnection(self) -> None:
+        if self._is_open():
+            self._websocket.sendClose(CLOSE_NORMAL)
+
+    def abortConnection(self) -> None:
+        self._stream.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self._stream.getPeer()
+
+    def getHost(self) -> Any:
+        return self._stream.getHost()
+
+    def getPeerCertificate(self) -> Any:
+        """The client certificate of a wss connection with mutual TLS."""
+        if ISSLTransport.providedBy(self._stream):
+            return self._stream.getPeerCertificate()
+        return None
+
+
+class RelayWebSocketProtocol(WebSocketServerProtocol):
+    """One WebSocket connection carrying one ``RelayProtocol``."""
+
+    relay: RelayProtocol | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        # A client that offers no subprotocol is served anyway: refusing it
+        # would only make hand-written clients harder to get right.
+        for subprotocol in SUBPROTOCOLS:
+            if subprotocol in request.protocols:
+                return subprotocol
+        return None
+
+    def onOpen(self) -> None:
+        stream = self.transport
+        # twisted.web's HTTP channel registered itself as the stream's
+        # producer; the stream belongs to the relay connection now.
+        stream.unregisterProducer()
+        relay_factory = self.factory.relay_factory
+        self.relay = relay_factory.buildProtocol(stream.getPeer())
+        self.relay.makeConnection(MessageTransport(self))
+        if ISSLTransport.providedBy(stream):
+            # The TLS handshake finished before the upgrade request arrived.
+            self.relay.handshakeCompleted()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.relay is None:
+            return
+        if not isBinary:
+            log.info(
+                "{conn} sent a text WebSocket message; closing",
+                conn=self.relay.connection_id,
+            )
+            # sendClose only takes application codes; 1003 is a protocol code.
+            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, TEXT_REFUSED.encode("utf-8"))
+            return
+        self.relay.dataReceived(payload)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        if self.relay is not None:
+            self.relay.connectionLost(reason)
+
+
+class RelayWebSocketFactory(WebSocketServerFactory):
+    """Builds ``RelayWebSocketProtocol``s whose limits follow Relay's config."""
+
+    protocol = RelayWebSocketProtocol
+
+    def __init__(self, relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*",)) -> None:
+        super().__init__(reactor=relay_factory.reactor)
+        self.relay_factory = relay_factory
+        config = relay_factory.config
+        largest = max_message_size(config.max_frame_size)
+        self.setProtocolOptions(
+            maxFramePayloadSize=largest,
+            maxMessagePayloadSize=largest,
+            openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
+            # Pings find dead peers whose TCP connection lingers; a peer
+            # that misses a pong for a heartbeat interval is dropped.
+            autoPingInterval=config.heartbeat_interval,
+            autoPingTimeout=config.heartbeat_interval,
+            allowedOrigins=origin_patterns(allowed_origins),
+            # Tell a misbehaving client why (e.g. 1009 for a message too
+            # big) with a close frame, instead of just dropping it.
+            failByDrop=False,
+        )
+
+
+def demo_page() -> bytes:
+    """The browser demo page, read from the installed package."""
+    return resources.files("relay").joinpath("static", "index.html").read_bytes()
+
+
+class DemoPage(Resource):
+    """The demo page: one self-contained HTML file, nothing else to load."""
+
+    isLeaf = True
+
+    def __init__(self, page: bytes) -> None:
+        super().__init__()
+        self._page = page
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._page
+
+
+def make_site(relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*",)) -> Site:
+    """The HTTP site: the demo page at ``/`` and WebSocket at ``/relay``."""
+    root = Resource()
+    root.putChild(b"", DemoPage(demo_page()))
+    ws_factory = RelayWebSocketFactory(relay_factory, allowed_origins)
+    root.putChild(PATH, WebSocketResource(ws_factory))
+    return Site(root, timeout=relay_factory.config.idle_timeout)

@@ -1,0 +1,343 @@
+"""Relay over WebSocket, spoken by an independent client library.
+
+The ``websockets`` package's blocking client runs in the reactor's thread
+pool; the server stays on the reactor.
+"""
+
+from __future__ import annotations
+
+import ssl as stdlib_ssl
+import struct
+import tempfile
+from contextlib import ExitStack
+from typing import Any
+
+import trustme
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.filepath import FilePath
+from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from relay import tls, websocket
+from relay.protocol import State
+from relay.server import RelayConfig, RelayFactory
+from relay.tap import Options, makeService
+from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
+from tests.support import FrameClient, _disconnect
+
+TIMEOUT = 10.0
+
+
+class WebSocketClient:
+    """A Relay client on ``websockets``: each blocking call runs in a thread.
+
+    ``next_frame`` checks the server's promise of one frame per message.
+    """
+
+    def __init__(self, connection: ClientConnection, stack: ExitStack) -> None:
+        self.connection = connection
+        self._stack = stack
+        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> WebSocketClient:
+        options.setdefault("subprotocols", ["relay.v1"])
+        stack = ExitStack()
+        # The handshake blocks, so even building the client is off the reactor.
+        connection = await deferToThread(
+            lambda: stack.enter_context(connect(url, open_timeout=TIMEOUT, **options))
+        )
+        return cls(connection, stack)
+
+    async def send(self, data: bytes | str) -> None:
+        await deferToThread(self.connection.send, data)
+
+    async def next_frame(self) -> Frame:
+        message = await deferToThread(self.connection.recv, TIMEOUT)
+        assert isinstance(message, bytes), message
+        frames = list(self._decoder.feed(message))
+        assert len(frames) == 1 and not self._decoder.buffered, (frames, message)
+        return frames[0]
+
+    async def next_json(self) -> tuple[int, dict[str, Any]]:
+        frame = await self.next_frame()
+        assert frame.flags & Flags.JSON, frame
+        return frame.type, loads(frame.payload)
+
+    async def request(self, type_: MessageType, body: Any) -> tuple[int, dict[str, Any]]:
+        await self.send(encode_json(type_, body))
+        return await self.next_json()
+
+    async def closed_with(self) -> tuple[int | None, str | None]:
+        """Read until the server closes; the close code and reason it sent."""
+        try:
+            while True:
+                await deferToThread(self.connection.recv, TIMEOUT)
+        except ConnectionClosed as closed:
+            if closed.rcvd is None:
+                return None, None
+            return closed.rcvd.code, closed.rcvd.reason
+
+    def close(self) -> defer.Deferred[None]:
+        return deferToThread(self._stack.close)
+
+
+class WebSocketTestCase(unittest.TestCase):
+    """A Relay factory behind a WebSocket site and a plain TCP listener."""
+
+    config: dict[str, Any] = {}
+    allowed_origins: tuple[str, ...] = ("*",)
+
+    async def setUp(self) -> None:
+        self.factory = RelayFactory(RelayConfig(**self.config), reactor=reactor)
+        site = websocket.make_site(self.factory, self.allowed_origins)
+        self.http_port = await self.listen(site)
+        self.tcp_port = await self.listen(self.factory)
+        self.addCleanup(self.factory.wait_closed)
+
+    async def listen(self, factory: Any, description: str = "tcp:0:interface=127.0.0.1") -> Any:
+        port = await endpoints.serverFromString(reactor, description).listen(factory)
+        self.addCleanup(port.stopListening)
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port.getHost().port}/relay"
+
+    async def connect_ws(self, **options: Any) -> WebSocketClient:
+        client = await WebSocketClient.open(options.pop("url", self.url), **options)
+        self.addCleanup(client.close)
+        return client
+
+    async def connect_tcp(self) -> FrameClient:
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
+        client = await endpoints.connectProtocol(tcp, FrameClient())
+        self.addCleanup(_disconnect, client)
+        return client
+
+    def server_side(self, user_id: str) -> Any:
+        """The server's connection for ``user_id``."""
+        (connection,) = [c for c in self.factory.connections if c.user_id == user_id]
+        return connection
+
+
+class ExchangeTests(WebSocketTestCase):
+    async def test_websocket_and_tcp_clients_exchange_messages_both_ways(self) -> None:
+        browser = await self.connect_ws()
+        self.assertEqual(browser.connection.subprotocol, "relay.v1")
+        terminal = await self.connect_tcp()
+        _, hello = await browser.request(MessageType.HELLO, {"userId": "web"})
+        self.assertEqual(hello["userId"], "web")
+        await terminal.hello(userId="term")
+        await browser.request(MessageType.JOIN_ROOM, {"room": "r"})
+        await terminal.join("r")
+        await browser.send(encode_json(MessageType.MESSAGE, {"room": "r", "content": "from ws"}))
+        _, body = await terminal.next_json()
+        self.assertEqual((body["from"], body["content"]), ("web", "from ws"))
+        terminal.send_json(MessageType.MESSAGE, {"room": "r", "content": "from tcp"})
+        type_, body = await browser.next_json()
+        self.assertEqual((type_, body["from"], body["content"]), (MessageType.MESSAGE, "term", "from tcp"))
+
+    async def test_frame_split_across_two_messages(self) -> None:
+        client = await self.connect_ws()
+        frame = encode_json(MessageType.JOIN_ROOM, {"room": "split", "id": 9})
+        await client.send(frame[:5])
+        await client.send(frame[5:])
+        type_, body = await client.next_json()
+        self.assertEqual((type_, body["room"], body["id"]), (MessageType.JOIN_ROOM, "split", 9))
+
+    async def test_frames_sharing_a_message_are_answered_one_per_message(self) -> None:
+        client = await self.connect_ws()
+        await client.send(encode(MessageType.HEARTBEAT, 0, b"a") + encode(MessageType.HEARTBEAT, 0, b"b"))
+        self.assertEqual((await client.next_frame()).payload, b"a")
+        self.assertEqual((await client.next_frame()).payload, b"b")
+
+    async def test_binary_subprotocol_accepted(self) -> None:
+        client = await self.connect_ws(subprotocols=["binary"])
+        self.assertEqual(client.connection.subprotocol, "binary")
+
+    async def test_client_offering_no_subprotocol_is_served(self) -> None:
+        client = await self.connect_ws(subprotocols=None)
+        self.assertIsNone(client.connection.subprotocol)
+        await client.send(encode(MessageType.HEARTBEAT, 0, b""))
+        self.assertEqual((await client.next_frame()).type, MessageType.HEARTBEAT)
+
+    async def test_client_close_cleans_up_rooms(self) -> None:
+        client = await self.connect_ws()
+        await client.request(MessageType.JOIN_ROOM, {"room": "gone"})
+        await client.close()
+        await self.factory.wait_closed()
+        self.assertIsNone(self.factory.registry.get("gone"))
+
+
+class LimitTests(WebSocketTestCase):
+    config = {"max_frame_size": 1024}
+
+    async def test_text_message_closed_with_1003_and_a_reason(self) -> None:
+        client = await self.connect_ws()
+        await client.send("hello")
+        self.assertEqual(await client.closed_with(), (1003, websocket.TEXT_REFUSED))
+
+    async def test_message_larger_than_one_full_frame_closed_with_1009(self) -> None:
+        client = await self.connect_ws()
+        await client.send(bytes(websocket.max_message_size(1024) + 1))
+        code, _ = await client.closed_with()
+        self.assertEqual(code, 1009)
+
+    async def test_message_of_one_full_frame_accepted(self) -> None:
+        client = await self.connect_ws()
+        payload = b"x" * (1024 - 3)
+        await client.send(encode(MessageType.HEARTBEAT, Flags.BINARY, payload))
+        self.assertEqual((await client.next_frame()).payload, payload)
+
+    async def test_oversize_frame_header_gets_frame_too_large(self) -> None:
+        client = await self.connect_ws()
+        await client.send(struct.pack("!IBBB", 1025, 1, MessageType.MESSAGE, 0))
+        type_, body = await client.next_json()
+        self.assertEqual((type_, body["code"], body["fatal"]), (MessageType.ERROR, ErrorCode.FRAME_TOO_LARGE, True))
+        self.assertEqual(await client.closed_with(), (1000, ""))
+
+    def test_limits_follow_the_relay_config(self) -> None:
+        factory = websocket.RelayWebSocketFactory(
+            RelayFactory(RelayConfig(max_frame_size=1000, idle_timeout=40), reactor=reactor)
+        )
+        self.assertEqual(factory.maxMessagePayloadSize, 1004)
+        self.assertEqual(factory.maxFramePayloadSize, 1004)
+        self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (20, 20))
+        self.assertEqual(factory.openHandshakeTimeout, websocket.OPEN_HANDSHAKE_TIMEOUT)
+
+
+class OriginTests(WebSocketTestCase):
+    allowed_origins = ("http://good.example",)
+
+    async def test_allowed_origin_accepted(self) -> None:
+        client = await self.connect_ws(origin="http://good.example")
+        await client.send(encode(MessageType.HEARTBEAT, 0, b""))
+        self.assertEqual((await client.next_frame()).type, MessageType.HEARTBEAT)
+
+    async def test_other_origin_refused_at_the_handshake(self) -> None:
+        with self.assertRaises(InvalidStatus) as caught:
+            await self.connect_ws(origin="http://evil.example")
+        self.assertEqual(caught.exception.response.status_code, 400)
+        self.assertIn("not allowed", caught.exception.response.reason_phrase)
+        self.assertEqual(self.factory.connections, set())
+
+    def test_origins_without_a_port_get_their_scheme_default(self) -> None:
+        self.assertEqual(
+            websocket.origin_patterns(["*", "http://a.example", "https://*.b.example", "http://c:8080"]),
+            ["*", "http://a.example:80", "https://*.b.example:443", "http://c:8080"],
+        )
+
+
+class BackpressureTests(WebSocketTestCase):
+    config = {"max_pending": 256 * 1024}
+
+    async def test_paused_websocket_drains_then_is_cut_off_as_slow_consumer(self) -> None:
+        closing: list[dict[str, Any]] = []
+        observer = lambda event: closing.append(event) if "code" in event and "conn" in event else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        # A reader that stops reading once one message is buffered.
+        slow = await self.connect_ws(max_queue=1)
+        await slow.request(MessageType.HELLO, {"userId": "slow"})
+        await slow.request(MessageType.JOIN_ROOM, {"room": "flood"})
+        publisher = await self.connect_tcp()
+        await publisher.join("flood")
+        connection = self.server_side("slow")
+        content = "x" * 60_000
+        seen = set()
+        for _ in range(2000):
+            if connection.state is State.CLOSED:
+                break
+            seen.add(connection.state)
+            # One message per round, so DRAINING lasts several rounds.
+            publisher.send_json(MessageType.MESSAGE, {"room": "flood", "content": content})
+            # The publisher is never stalled: its heartbeat comes straight back.
+            publisher.send_frame(MessageType.HEARTBEAT)
+            self.assertEqual((await publisher.next_frame()).type, MessageType.HEARTBEAT)
+        self.assertIn(State.DRAINING, seen)
+        self.assertIs(connection.state, State.CLOSED)
+        codes = [event["code"] for event in closing if event["conn"] == connection.connection_id]
+        self.assertEqual(codes, [ErrorCode.SLOW_CONSUMER.value])
+
+
+class SecureWebSocketTests(unittest.TestCase):
+    """wss with client certificates: the certificate names the user."""
+
+    async def test_wss_client_certificate_names_the_user(self) -> None:
+        ca = trustme.CA()
+        server_cert = ca.issue_cert("localhost", "127.0.0.1")
+        client_cert = ca.issue_cert("carol.example", common_name="carol")
+        directory = FilePath(tempfile.mkdtemp(prefix="relay-wss-"))
+        self.addCleanup(directory.remove)
+        paths = {}
+        for name, blob in (
+            ("key", server_cert.private_key_pem),
+            ("cert", server_cert.cert_chain_pems[0]),
+            ("ca", ca.cert_pem),
+        ):
+            paths[name] = directory.child(f"{name}.pem").path
+            blob.write_to_path(paths[name])
+        factory = RelayFactory(RelayConfig(), reactor=reactor)
+        description = f"ssl:0:privateKey={paths['key']}:certKey={paths['cert']}:interface=127.0.0.1"
+        tcp, site = tls.listener(description, websocket.make_site(factory), client_ca=paths["ca"])
+        port = await endpoints.serverFromString(reactor, tcp).listen(site)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.wait_closed)
+        context = stdlib_ssl.create_default_context()
+        ca.configure_trust(context)
+        client_cert.configure_cert(context)
+        client = await WebSocketClient.open(f"wss://localhost:{port.getHost().port}/relay", ssl=context)
+        self.addCleanup(client.close)
+        _, hello = await client.request(MessageType.HELLO, {})
+        self.assertEqual(hello["userId"], "carol")
+
+
+class DemoPageTests(WebSocketTestCase):
+    async def test_demo_page_served_at_the_root(self) -> None:
+        response = await Agent(reactor).request(
+            b"GET", f"http://127.0.0.1:{self.http_port.getHost().port}/".encode()
+        )
+        body = await readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"]
+        )
+        for element in (b'id="connect"', b'id="join"', b'id="send"', b'id="log"', b'id="status"'):
+            self.assertIn(element, body)
+
+
+class ServiceTests(unittest.TestCase):
+    """``twistd relay --websocket ...`` end to end."""
+
+    async def test_websocket_option_serves_relay_next_to_tcp(self) -> None:
+        options = Options()
+        options.parseOptions(
+            ["--port", "tcp:0:interface=127.0.0.1", "--websocket", "tcp:0:interface=127.0.0.1"]
+        )
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        tcp_port, http_port = service.listening_ports
+        client = await WebSocketClient.open(f"ws://127.0.0.1:{http_port.getHost().port}/relay")
+        self.addCleanup(client.close)
+        _, joined = await client.request(MessageType.JOIN_ROOM, {"room": "svc"})
+        self.assertEqual(joined["members"], 1)
+
+    def test_allowed_origins_comma_separated_and_repeatable(self) -> None:
+        options = Options()
+        options.parseOptions(
+            ["--allowed-origins", "https://a.example, https://b.example", "--allowed-origins", "http://c"]
+        )
+        self.assertEqual(
+            options["allowed-origins"], ["https://a.example", "https://b.example", "http://c"]
+        )
+
+    def test_any_origin_by_default(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["allowed-origins"], ["*"])
