@@ -1,0 +1,146 @@
+"""The demo page in real headless Chromium, talking to a TCP client.
+
+The server stays on the reactor; Playwright's blocking API drives the browser
+from one thread of the reactor's pool.  Skipped when Chromium or Playwright
+is missing, unless RELAY_REQUIRE_BROWSER=1 (as in CI), which makes it fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from relay import websocket
+from relay.server import RelayConfig, RelayFactory
+from relay.wire import MessageType
+from tests.support import FrameClient, _disconnect
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REQUIRED = os.environ.get("RELAY_REQUIRE_BROWSER") == "1"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Milliseconds the page gets for each step.
+STEP_TIMEOUT = 15_000
+
+
+def missing_browser() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if sync_playwright is None:
+        return "Playwright is not installed (pip install '.[test]')"
+    if CHROMIUM is None:
+        return "Chromium is not installed (apt-get install chromium)"
+    return None
+
+
+def drive_page(base_url: str, on_joined: Callable[[], None]) -> dict[str, Any]:
+    """In a thread: open the demo page, connect, join room ``demo``, wait for
+    a TCP client's message, then send one from the page.
+
+    Returns what the page saw: its log, the URLs it requested, its errors.
+    """
+    requests: list[str] = []
+    errors: list[str] = []
+    profile = tempfile.mkdtemp(prefix="relay-chromium-")
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+            )
+            try:
+                page = context.new_page()
+                page.set_default_timeout(STEP_TIMEOUT)
+                page.on("request", lambda request: requests.append(request.url))
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(base_url)
+                page.fill("#user", "browser")
+                page.click("#connect")
+                page.wait_for_selector('#status[data-state="connected"]')
+                page.fill("#room", "demo")
+                page.click("#join")
+                page.locator("#log li", has_text="joined demo").wait_for()
+                on_joined()
+                page.locator("#log li.message", has_text="term: hello from tcp").wait_for()
+                page.fill("#message", "hello from the browser")
+                page.click("#send")
+                page.locator("#log li.sent", has_text="hello from the browser").wait_for()
+                return {"log": page.inner_text("#log"), "requests": requests, "errors": errors}
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class DemoPageInBrowserTests(unittest.TestCase):
+    if missing_browser() and not REQUIRED:
+        skip = missing_browser()
+
+    async def setUp(self) -> None:
+        if missing_browser():
+            self.fail(f"RELAY_REQUIRE_BROWSER=1 but {missing_browser()}")
+        self.factory = RelayFactory(RelayConfig(), reactor=reactor)
+        self.http_port = await self.listen(websocket.make_site(self.factory))
+        self.tcp_port = await self.listen(self.factory)
+        self.addCleanup(self.factory.wait_closed)
+
+    async def listen(self, factory: Any) -> Any:
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = await endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def test_page_and_tcp_client_exchange_messages(self) -> None:
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
+        terminal = await endpoints.connectProtocol(tcp, FrameClient())
+        self.addCleanup(_disconnect, terminal)
+        await terminal.hello(userId="term")
+        await terminal.join("demo")
+
+        base_url = f"http://127.0.0.1:{self.http_port.getHost().port}/"
+        joined: defer.Deferred[None] = defer.Deferred()
+        browser = deferToThread(drive_page, base_url, lambda: reactor.callFromThread(joined.callback, None))
+
+        def unblock(result: Any) -> Any:
+            # A page that fails before joining must not leave the test waiting.
+            if not joined.called:
+                if isinstance(result, Failure):
+                    joined.errback(result)
+                    return None
+                joined.errback(AssertionError("the page finished without joining"))
+            return result
+
+        browser.addBoth(unblock)
+        # The browser and Chromium are gone before the reactor is checked.
+        self.addCleanup(lambda: browser)
+        await joined
+
+        terminal.send_json(MessageType.MESSAGE, {"room": "demo", "content": "hello from tcp"})
+        type_, body = await terminal.next_json()
+        self.assertEqual(
+            (type_, body["room"], body["from"], body["content"]),
+            (MessageType.MESSAGE, "demo", "browser", "hello from the browser"),
+        )
+        seen = await browser
+        self.assertIn("[demo] term: hello from tcp", seen["log"])
+        self.assertEqual(seen["errors"], [])
+        # Self-contained: the page loads nothing but itself and its WebSocket.
+        self.assertEqual(seen["requests"], [base_url])
