@@ -84,7 +84,8 @@ class _StreamOverWebSocket(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            self.sendClose(CLOSE_UNSUPPORTED_DATA, "Relay frames travel in binary messages")
+            # sendClose only takes application codes; 1003 is a protocol code.
+            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"Relay frames travel in binary messages")
             return
         if self.wrapped is not None:
             self.wrapped.dataReceived(payload)

@@ -581,8 +581,10 @@ class BackpressureTests(unittest.TestCase):
 # TLS
 
 
-class TLSTests(unittest.TestCase):
-    def setUp(self) -> defer.Deferred[None]:
+class CertificateMixin:
+    """A trustme CA, a server certificate and a client certificate on disk."""
+
+    def setUp(self: Any) -> None:
         self.directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.directory)
         self.ca = trustme.CA()
@@ -592,12 +594,19 @@ class TLSTests(unittest.TestCase):
         client_cert = self.ca.issue_cert("client.example")
         self.client_pem = self.write("client.pem", client_cert.private_key_and_cert_chain_pem.bytes())
 
-    def write(self, name: str, data: bytes) -> str:
+    def write(self: Any, name: str, data: bytes) -> str:
         path = os.path.join(self.directory, name)
         with open(path, "wb") as out:
             out.write(data)
         return path
 
+    async def connected(self: Any, description: str, **options: Any) -> RelayClientProtocol:
+        client = await connect(reactor, description, user="tls-user", **options)
+        self.addCleanup(client.disconnect)
+        return client
+
+
+class TLSTests(CertificateMixin, unittest.TestCase):
     async def listen(self, require_client_cert: bool = False) -> str:
         certificate = ssl.PrivateCertificate.loadPEM(self.server_pem)
         if require_client_cert:
@@ -611,11 +620,6 @@ class TLSTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         self.addCleanup(factory.wait_closed)
         return f"tls:host=127.0.0.1:port={port.getHost().port}"
-
-    async def connected(self, description: str, **options: Any) -> RelayClientProtocol:
-        client = await connect(reactor, description, user="tls-user", **options)
-        self.addCleanup(client.disconnect)
-        return client
 
     async def test_server_certificate_is_verified_by_default(self) -> None:
         description = await self.listen()
@@ -642,3 +646,76 @@ class TLSTests(unittest.TestCase):
         )
         client = await self.connected(description, ca_file=self.ca_file, client_cert=self.client_pem)
         self.assertEqual((await client.join("mtls"))["members"], 1)
+
+
+# WebSocket
+
+
+class WebSocketTests(unittest.TestCase):
+    async def setUp(self) -> None:
+        from relay import websocket
+
+        self.factory = RelayFactory(reactor=reactor)
+        self.addCleanup(self.factory.wait_closed)
+        self.http_port = await self.listen(websocket.make_site(self.factory))
+        self.tcp_port = await self.listen(self.factory)
+
+    async def listen(self, factory: Any) -> Any:
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def connected(self, description: str, user: str) -> RelayClientProtocol:
+        client = await connect(reactor, description, user=user)
+        self.addCleanup(client.disconnect)
+        return client
+
+    async def test_websocket_client_chats_with_a_tcp_client(self) -> None:
+        url = f"ws://127.0.0.1:{self.http_port.getHost().port}/relay"
+        web = await self.connected(url, "web")
+        tcp = await self.connected(endpoint_of(self.tcp_port), "tcp")
+        await web.join("mixed")
+        await tcp.join("mixed")
+        web_stream, tcp_stream = web.messages(), tcp.messages()
+        await web.send("mixed", "from the browser side")
+        await tcp.send_binary("mixed", b"\x00from tcp")
+        heard_by_tcp = await tcp_stream.__anext__()
+        heard_by_web = await web_stream.__anext__()
+        self.assertEqual((heard_by_tcp.sender, heard_by_tcp.content), ("web", "from the browser side"))
+        self.assertEqual((heard_by_web.sender, heard_by_web.data), ("tcp", b"\x00from tcp"))
+        self.assertGreaterEqual(await web.heartbeat(), 0)
+        failure = await self.assertFailure(web.join(" "), RelayError)
+        self.assertIs(failure.code, ErrorCode.INVALID_ROOM)
+
+    async def test_default_path_is_relay(self) -> None:
+        web = await self.connected(f"ws://127.0.0.1:{self.http_port.getHost().port}", "web")
+        self.assertEqual((await web.join("lobby"))["members"], 1)
+
+    async def test_websocket_close_fails_pending_requests(self) -> None:
+        web = await self.connected(f"ws://127.0.0.1:{self.http_port.getHost().port}/relay", "web")
+        pinging = web.heartbeat()
+        await self.factory.shutdown()
+        await web.when_closed()
+        self.assertIs(web.close_reason.value.code, ErrorCode.SERVER_SHUTDOWN)
+        await pinging.addErrback(lambda failure: failure.trap(RelayError))
+
+    async def test_handshake_refused_fails_connect(self) -> None:
+        url = f"ws://127.0.0.1:{self.http_port.getHost().port}/nowhere"
+        await self.assertFailure(connect(reactor, url), error.ConnectError)
+
+
+class SecureWebSocketTests(CertificateMixin, unittest.TestCase):
+    async def test_wss_with_ca_file(self) -> None:
+        from relay import websocket
+
+        factory = RelayFactory(reactor=reactor)
+        self.addCleanup(factory.wait_closed)
+        options = ssl.PrivateCertificate.loadPEM(self.server_pem).options()
+        port = await endpoints.SSL4ServerEndpoint(
+            reactor, 0, options, interface="127.0.0.1"
+        ).listen(websocket.make_site(factory))
+        self.addCleanup(port.stopListening)
+        url = f"wss://127.0.0.1:{port.getHost().port}/relay"
+        await self.assertFailure(connect(reactor, url), error.ConnectError, error.ConnectionLost)
+        client = await self.connected(url, ca_file=self.ca_file)
+        self.assertEqual((await client.join("secure-web"))["members"], 1)
