@@ -4,6 +4,7 @@ sockets."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -17,12 +18,14 @@ from twisted.internet import defer, endpoints, error, reactor, ssl, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from relay.client import (
     MISSED_HEARTBEATS,
+    BinaryRoomWriter,
     Message,
     ReconnectingClient,
     RelayClientProtocol,
@@ -374,6 +377,25 @@ class ClientIntegrationTests(IntegrationTestCase):
         self.assertIs(client.close_reason.value.code, ErrorCode.SERVER_SHUTDOWN)
         # The echo was sent before the shutdown error, or the shutdown failed it.
         await pinging.addErrback(lambda failure: failure.trap(RelayError))
+
+
+class BinaryRoomWriterTests(IntegrationTestCase):
+    async def test_file_streams_into_a_room_at_the_sockets_pace(self) -> None:
+        sender = await connect(reactor, endpoint_of(self.port), user="sender")
+        self.addCleanup(sender.disconnect)
+        receiver = await connect(reactor, endpoint_of(self.port), user="receiver")
+        self.addCleanup(receiver.disconnect)
+        await sender.join("files")
+        await receiver.join("files")
+        content = os.urandom(FileSender.CHUNK_SIZE * 20 + 123)
+        chunks: list[bytes] = []
+        receiver.on_message = lambda message: chunks.append(message.data)
+        await FileSender().beginFileTransfer(io.BytesIO(content), BinaryRoomWriter(sender, "files"))
+        # Once the sender's echo is back, the server has fanned every chunk
+        # out; the receiver's echo then comes after all of them.
+        await sender.heartbeat()
+        await receiver.heartbeat()
+        self.assertEqual(b"".join(chunks), content)
 
 
 class UnixSocketTests(unittest.TestCase):
