@@ -741,3 +741,31 @@ class SecureWebSocketTests(CertificateMixin, unittest.TestCase):
         await self.assertFailure(connect(reactor, url), error.ConnectError, error.ConnectionLost)
         client = await self.connected(url, ca_file=self.ca_file)
         self.assertEqual((await client.join("secure-web"))["members"], 1)
+
+
+class RefusingServer(Protocol):
+    """Answers the first frame with a fatal UNAUTHORIZED, as an auth server would."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.attempts += 1
+        self.transport.write(encode_error(ErrorCode.UNAUTHORIZED, "bad token"))
+        self.transport.loseConnection()
+
+
+class TerminalErrorTests(unittest.TestCase):
+    async def test_unauthorized_stops_reconnecting(self) -> None:
+        factory = Factory.forProtocol(RefusingServer)
+        factory.attempts = 0
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = ReconnectingClient(reactor, endpoint_of(port), token="wrong",
+                                    retry_policy=lambda attempt: 0.01)
+        gave_up: defer.Deferred[RelayError] = defer.Deferred()
+        client.on_gave_up = lambda reason: gave_up.callback(reason.value)
+        joining = client.join("lobby")
+        client.start()
+        self.addCleanup(client.stop)
+        refusal = await gave_up
+        self.assertIs(refusal.code, ErrorCode.UNAUTHORIZED)
+        self.assertEqual(factory.attempts, 1)
+        await self.assertFailure(joining, defer.CancelledError)
