@@ -38,7 +38,6 @@ from relay import __version__
 from relay.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_ENVELOPE,
-    MIN_LENGTH,
     Decoder,
     ErrorCode,
     Flags,
@@ -168,7 +167,7 @@ class MessageStream:
 
 
 class _MessageHub:
-    """Fans incoming messages out to the callback and the open streams."""
+    """Fans incoming messages out to every open ``MessageStream``."""
 
     def __init__(self) -> None:
         self.streams: set[MessageStream] = set()
@@ -193,8 +192,8 @@ class _MessageHub:
             stream._end()
 
 
-def _default_error_handler(failure: RelayError) -> None:
-    log.warn("Relay server refused a request: {error}", error=failure)
+def _default_error_handler(relay_error: RelayError) -> None:
+    log.warn("Relay server refused a request: {error}", error=relay_error)
 
 
 @implementer(IConsumer)
@@ -227,7 +226,8 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self._hub = _MessageHub()
         self._close_reason: Failure | None = None
         self._closed_waiters: list[defer.Deferred[None]] = []
-        self.connected_flag = False
+        self.is_open = False
+        self._closing = False
         self.ready: defer.Deferred[RelayClientProtocol] = defer.Deferred(self._cancel_hello)
         self.server_info: dict[str, Any] = {}
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE
@@ -286,14 +286,14 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     def disconnect(self) -> defer.Deferred[None]:
         """Close the connection; fires once it is closed."""
         done = self.when_closed()
-        if self.connected_flag:
+        if self.is_open:
             self.transport.loseConnection()
         return done
 
     def when_closed(self) -> defer.Deferred[None]:
         """A Deferred that fires (with None) once the connection is gone."""
         waiter: defer.Deferred[None] = defer.Deferred()
-        if self._close_reason is not None and not self.connected_flag:
+        if self._close_reason is not None and not self.is_open:
             waiter.callback(None)
         else:
             self._closed_waiters.append(waiter)
@@ -312,7 +312,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        if self.connected_flag:
+        if self.is_open:
             self.transport.unregisterProducer()
 
     def write(self, data: bytes) -> None:
@@ -322,7 +322,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     # Connection events
 
     def connectionMade(self) -> None:
-        self.connected_flag = True
+        self.is_open = True
         self.setTimeout(HELLO_TIMEOUT_SECONDS)
         hello_id = next(self._ids)
         acked = self._expect(hello_id)
@@ -331,9 +331,9 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         # Wrapping WebSocket transports may pass None.
-        if not self.connected_flag:
+        if not self.is_open:
             return
-        self.connected_flag = False
+        self.is_open = False
         self.setTimeout(None)
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
@@ -350,11 +350,13 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             waiter.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return  # nothing is read after a fatal ERROR or a violation
         self.resetTimeout()
         try:
             for frame in self._decoder.feed(data):
                 self._dispatch(frame)
-                if not self.connected_flag:
+                if self._closing:
                     return
         except ProtocolError as violation:
             log.error("The Relay server broke the protocol: {error}", error=violation)
@@ -451,17 +453,17 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     def _on_hello_failed(self, failure: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(failure)
-        if self.connected_flag:
+        if self.is_open:
             self.transport.loseConnection()
 
     def _cancel_hello(self, ready: defer.Deferred[Any]) -> None:
-        if self.connected_flag:
+        if self.is_open:
             self.transport.abortConnection()
 
     # Outbound
 
     def _request(self, type_: MessageType, body: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        if not self.connected_flag:
+        if not self.is_open:
             return defer.fail(self._not_connected())
         request_id = next(self._ids)
         waiter = self._expect(request_id)
@@ -474,7 +476,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         return waiter
 
     def _write_frame(self, frame: bytes) -> defer.Deferred[None]:
-        if not self.connected_flag:
+        if not self.is_open:
             return defer.fail(self._not_connected())
         length = len(frame) - 4
         if length > self.max_frame_size:
@@ -485,7 +487,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         return defer.succeed(None)
 
     def _send_ping(self, waiter: defer.Deferred[float] | None) -> bool:
-        if not self.connected_flag:
+        if not self.is_open:
             return False
         ping_id = next(self._ping_ids)
         self._pings.append((ping_id, self._reactor.seconds(), waiter))
@@ -499,6 +501,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         """Fail everything pending with ``reason`` and close the connection."""
         if self._close_reason is None:
             self._close_reason = reason
+        self._closing = True
         self._fail_pending(reason)
         if abort:
             self.transport.abortConnection()
@@ -524,7 +527,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         return connection_lost(reason)
 
     def _require_connected(self) -> None:
-        if not self.connected_flag:
+        if not self.is_open:
             raise self._not_connected()
 
 
@@ -728,7 +731,7 @@ class _ReadyEndpoint:
 
         def failed(failure: Failure) -> Failure:
             # A cancelled or failed attempt must not leave its socket open.
-            if attempt and attempt[0].connected_flag:
+            if attempt and attempt[0].is_open:
                 attempt[0].transport.abortConnection()
             return owner._attempt_failed(failure)
 
@@ -801,7 +804,7 @@ class ReconnectingClient:
 
     @property
     def connected(self) -> bool:
-        return self.client is not None and self.client.connected_flag
+        return self.client is not None and self.client.is_open
 
     def when_connected(self) -> defer.Deferred[RelayClientProtocol]:
         """The current ready connection, or the next one."""

@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any
-
-from twisted.internet import defer, endpoints, error, reactor
+from twisted.internet import defer, endpoints, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest

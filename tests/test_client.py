@@ -32,7 +32,7 @@ from relay.client import (
     RelayError,
     connect,
 )
-from relay.server import RelayConfig, RelayFactory
+from relay.server import RelayFactory
 from relay.wire import (
     MAX_ENVELOPE,
     Decoder,
@@ -155,6 +155,15 @@ class ProtocolUnitTests(unittest.TestCase):
             self.assertTrue(failure.value.fatal)
         self.client.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(self.client.close_reason.check(RelayError))
+
+    def test_nothing_is_read_after_a_fatal_error(self) -> None:
+        self.ready()
+        received: list[Message] = []
+        self.client.on_message = received.append
+        delivery = encode_json(MessageType.MESSAGE, {"room": "r", "from": "x", "content": 1})
+        self.client.dataReceived(encode_error(ErrorCode.SLOW_CONSUMER, "too slow") + delivery)
+        self.client.dataReceived(delivery)
+        self.assertEqual(received, [])
 
     def test_lost_connection_fails_pending_with_connection_lost(self) -> None:
         self.ready()
@@ -304,7 +313,7 @@ class ClientIntegrationTests(IntegrationTestCase):
         client = await self.client()
         failure = await self.assertFailure(client.join(" "), RelayError)
         self.assertIs(failure.code, ErrorCode.INVALID_ROOM)
-        self.assertTrue(client.connected_flag)
+        self.assertTrue(client.is_open)
 
     async def test_room_limit_is_bad_request(self) -> None:
         client = await self.client()
@@ -327,7 +336,7 @@ class ClientIntegrationTests(IntegrationTestCase):
         refusal = await refused
         self.assertIs(refusal.code, ErrorCode.NOT_IN_ROOM)
         self.assertIsNotNone(refusal.request_id)
-        self.assertTrue(client.connected_flag)
+        self.assertTrue(client.is_open)
 
     async def test_binary_send_to_room_not_joined_reports_not_in_room(self) -> None:
         client = await self.client()
