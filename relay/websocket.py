@@ -188,6 +188,8 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=config.heartbeat_interval,
             autoPingTimeout=config.heartbeat_interval,
             allowedOrigins=origin_patterns(allowed_origins),
+            # "Any origin" includes pages without one (file://, sandboxed).
+            allowNullOrigin="*" in allowed_origins,
             # Tell a misbehaving client why (e.g. 1009 for a message too
             # big) with a close frame, instead of just dropping it.
             failByDrop=False,

@@ -166,6 +166,16 @@ class ExchangeTests(WebSocketTestCase):
         await client.send(encode(MessageType.HEARTBEAT, 0, b""))
         self.assertEqual((await client.next_frame()).type, MessageType.HEARTBEAT)
 
+    async def test_client_offering_only_other_subprotocols_is_served_without_one(self) -> None:
+        client = await self.connect_ws(subprotocols=["chat"])
+        self.assertIsNone(client.connection.subprotocol)
+
+    async def test_any_origin_by_default_even_null(self) -> None:
+        for origin in ("https://anywhere.example", "null"):
+            client = await self.connect_ws(origin=origin)
+            await client.send(encode(MessageType.HEARTBEAT, 0, b""))
+            self.assertEqual((await client.next_frame()).type, MessageType.HEARTBEAT)
+
     async def test_client_close_cleans_up_rooms(self) -> None:
         client = await self.connect_ws()
         await client.request(MessageType.JOIN_ROOM, {"room": "gone"})
@@ -218,6 +228,10 @@ class OriginTests(WebSocketTestCase):
         client = await self.connect_ws(origin="http://good.example")
         await client.send(encode(MessageType.HEARTBEAT, 0, b""))
         self.assertEqual((await client.next_frame()).type, MessageType.HEARTBEAT)
+
+    async def test_null_origin_refused_unless_any_origin_is_allowed(self) -> None:
+        with self.assertRaises(InvalidStatus):
+            await self.connect_ws(origin="null")
 
     async def test_other_origin_refused_at_the_handshake(self) -> None:
         with self.assertRaises(InvalidStatus) as caught:
