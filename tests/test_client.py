@@ -24,14 +24,17 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from relay.client import (
+    HELLO_TIMEOUT_SECONDS,
     MISSED_HEARTBEATS,
     BinaryRoomWriter,
     Message,
     ReconnectingClient,
     RelayClientProtocol,
     RelayError,
+    build_endpoint,
     connect,
 )
+from relay.wsclient import WebSocketStreamTransport
 from relay.server import RelayFactory
 from relay.wire import (
     MAX_ENVELOPE,
@@ -183,6 +186,17 @@ class ProtocolUnitTests(unittest.TestCase):
         self.client.connectionLost(Failure(error.ConnectionLost("gone")))
         self.failureResultOf(self.client.ready, error.ConnectionLost)
 
+    def test_server_that_never_acks_hello_is_dropped(self) -> None:
+        self.clock.advance(HELLO_TIMEOUT_SECONDS)
+        self.assertTrue(self.transport.disconnecting)
+        self.failureResultOf(self.client.ready, error.ConnectionLost)
+
+    def test_cancelling_ready_aborts_the_connection(self) -> None:
+        self.client.ready.cancel()
+        self.failureResultOf(self.client.ready, defer.CancelledError)
+        self.assertTrue(self.transport.disconnecting)
+        self.client.connectionLost(Failure(error.ConnectionAborted()))
+
     def test_heartbeats_follow_the_advertised_interval(self) -> None:
         self.ready(interval=5)
         self.clock.advance(4.9)
@@ -240,6 +254,40 @@ class ProtocolUnitTests(unittest.TestCase):
         self.assertTrue(self.transport.streaming)
         self.client.unregisterProducer()
         self.assertIsNone(self.transport.producer)
+
+
+class EndpointTests(unittest.TestCase):
+    def test_tls_options_need_a_tls_description(self) -> None:
+        with self.assertRaises(ValueError):
+            build_endpoint(reactor, "tcp:host=127.0.0.1:port=4000", ca_file="ca.pem")
+
+    def test_tls_description_needs_host_and_port(self) -> None:
+        with self.assertRaises(ValueError):
+            build_endpoint(reactor, "tls:host=relay.example", ca_file="ca.pem")
+
+    def test_plain_descriptions_go_to_twisted(self) -> None:
+        endpoint = build_endpoint(reactor, "tcp:host=127.0.0.1:port=4000")
+        self.assertIsInstance(endpoint, endpoints.TCP4ClientEndpoint)
+
+
+class FakeWebSocket:
+    """Just enough of autobahn's protocol for WebSocketStreamTransport."""
+
+    state = "open"
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+
+
+class WebSocketStreamTransportTests(unittest.TestCase):
+    def test_producers_are_registered_on_the_socket_underneath(self) -> None:
+        websocket = FakeWebSocket()
+        stream = WebSocketStreamTransport(websocket)
+        producer = RecordingProducer()
+        stream.registerProducer(producer, True)
+        self.assertIs(websocket.transport.producer, producer)
+        stream.unregisterProducer()
+        self.assertIsNone(websocket.transport.producer)
 
 
 # Integration tests against the real server.
