@@ -136,6 +136,8 @@ class ChatSession(LineReceiver):
 
     def writeConnectionLost(self) -> None:
         # Nobody is reading our output any more: stop.
+        if not self._output_closed.called:
+            self._output_closed.callback(None)
         self._finish(EXIT_OK)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
