@@ -151,7 +151,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             self.relay.handshakeCompleted()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.relay is None:
+        # Once either side has sent a close frame, later messages are moot.
+        if self.relay is None or self.state != WebSocketProtocol.STATE_OPEN:
             return
         if not isBinary:
             log.info(

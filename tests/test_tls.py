@@ -7,7 +7,7 @@ from typing import Any
 
 import trustme
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, reactor, ssl
+from twisted.internet import endpoints, reactor, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python import usage
 from twisted.python.filepath import FilePath
