@@ -60,8 +60,14 @@ HELLO_TIMEOUT_SECONDS = 30.0
 MISSED_HEARTBEATS = 2
 # Codes after which reconnecting cannot help: the same request would fail again.
 TERMINAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
+# Reconnection backoff: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, each plus jitter.
+RETRY_INITIAL_DELAY_SECONDS = 0.5
+RETRY_MAX_DELAY_SECONDS = 30.0
+# How long one TCP connection attempt may take (Twisted's default too).
+CONNECT_TIMEOUT_SECONDS = 30.0
 WEBSOCKET_SUBPROTOCOL = "relay.v1"
 WEBSOCKET_PATH = "/relay"
+WEBSOCKET_DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
 class RelayError(Exception):
@@ -603,7 +609,8 @@ def build_endpoint(reactor: Any, description: str, ca_file: str | None = None,
     port = kwargs.get("port") or (args[1] if len(args) > 1 else None)
     if not host or not port:
         raise ValueError(f"{description!r} needs a host and a port")
-    inner = HostnameEndpoint(reactor, host, int(port), timeout=float(kwargs.get("timeout", 30)))
+    timeout = float(kwargs.get("timeout", CONNECT_TIMEOUT_SECONDS))
+    inner = HostnameEndpoint(reactor, host, int(port), timeout=timeout)
     return wrapClientTLS(_tls_options(host, ca_file, client_cert), inner)
 
 
@@ -657,9 +664,13 @@ def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,
 
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if secure else 80)
-    inner: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port)
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{url!r} names no host")
+    port = parts.port or WEBSOCKET_DEFAULT_PORTS[parts.scheme]
+    inner: IStreamClientEndpoint = HostnameEndpoint(
+        reactor, host, port, timeout=CONNECT_TIMEOUT_SECONDS
+    )
     if secure:
         inner = wrapClientTLS(_tls_options(host, ca_file, client_cert), inner)
     if not parts.path:
@@ -783,7 +794,9 @@ class ReconnectingClient:
         self.on_gave_up: Callable[[Failure], Any] | None = None
         self.on_message: Callable[[Message], Any] | None = None
         self.on_error: Callable[[RelayError], Any] = _default_error_handler
-        self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self._policy = retry_policy or backoffPolicy(
+            initialDelay=RETRY_INITIAL_DELAY_SECONDS, maxDelay=RETRY_MAX_DELAY_SECONDS
+        )
         self._last_failure: Failure | None = None
         self._hub = _MessageHub()
         self._service = ClientService(
