@@ -33,6 +33,7 @@ DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=4000"
 DRAIN_TIMEOUT_SECONDS = 10.0
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
+EXIT_USAGE = 2  # as argparse
 
 HELP = """\
 commands:
@@ -315,10 +316,14 @@ def start_logging(debug: bool) -> None:
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
     """Run one chat session; returns the exit code."""
-    client = ReconnectingClient(
-        reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
-        ca_file=options.ca_file, client_cert=options.client_cert,
-    )
+    try:
+        client = ReconnectingClient(
+            reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
+            ca_file=options.ca_file, client_cert=options.client_cert,
+        )
+    except Exception as problem:  # a bad description, an unreadable PEM file...
+        sys.stderr.write(f"relay-client: cannot use {options.endpoint!r}: {problem}\n")
+        raise SystemExit(EXIT_USAGE) from None
     session = ChatSession(client, reactor)
     stdio.StandardIO(session, reactor=reactor)
     # Ctrl-C stops the reactor: say goodbye to the server on the way out.

@@ -618,9 +618,10 @@ def _tls_options(host: str, ca_file: str | None, client_cert: str | None) -> Any
     trust_root = None
     if ca_file is not None:
         with open(ca_file, "rb") as pem:
-            trust_root = ssl.trustRootFromCertificates(
-                [ssl.Certificate.loadPEM(block) for block in _PEM_CERTIFICATE.findall(pem.read())]
-            )
+            blocks = _PEM_CERTIFICATE.findall(pem.read())
+        if not blocks:
+            raise ValueError(f"{ca_file} holds no PEM certificate")
+        trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
     certificate = None
     if client_cert is not None:
         with open(client_cert, "rb") as pem:

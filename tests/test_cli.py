@@ -213,6 +213,17 @@ class UnreachableServerTests(unittest.TestCase):
         self.assertEqual(await process.ended, 0)
 
 
+    async def test_unusable_endpoint_is_a_usage_error(self) -> None:
+        process = ClientProcess("confused")
+        reactor.spawnProcess(
+            process, sys.executable, [sys.executable, "-m", "relay.cli", "carrier-pigeon:coop=1"],
+            env=dict(os.environ, PYTHONPATH=PROJECT_ROOT), path=PROJECT_ROOT,
+        )
+        self.assertEqual(await process.ended, 2)
+        self.assertIn(b"cannot use 'carrier-pigeon:coop=1'", process.stderr)
+        self.assertNotIn(b"Traceback", process.stderr)
+
+
 class FormattingTests(unittest.TestCase):
     def test_message_line_has_time_room_sender_and_text(self) -> None:
         line = format_message(Message(room="lobby", sender="bob", content="hi", timestamp=0))
