@@ -446,6 +446,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     # Outbound
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this connection's outbox (not yet given to the transport)."""
+        return sum(map(len, self._outbox))
+
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame for this client, in order.
 
