@@ -294,7 +294,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 ErrorCode.BAD_REQUEST, "HELLO is accepted once, as the first request", request_id
             )
         user_id = body.get("userId")
-        if user_id is not None:
+        if "userId" in body:
             if (
                 not isinstance(user_id, str)
                 or not 0 < len(user_id) <= MAX_USER_ID
@@ -387,22 +387,26 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if "content" not in body:
             raise RequestError(ErrorCode.BAD_REQUEST, '"content" is required', request_id)
         room = self._member_room(name, request_id)
-        delivery = encode_json(
-            MessageType.MESSAGE,
-            {
-                "room": room.name,
-                "from": self.user_id,
-                "content": body["content"],
-                "timestamp": int(self._reactor.seconds() * 1000),
-                "seq": room.next_seq(),
-            },
-        )
+        try:
+            delivery = encode_json(
+                MessageType.MESSAGE,
+                {
+                    "room": room.name,
+                    "from": self.user_id,
+                    "content": body["content"],
+                    "timestamp": int(self._reactor.seconds() * 1000),
+                    "seq": room.seq + 1,
+                },
+            )
+        except ValueError:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, '"content" is nested too deeply to relay', request_id
+            ) from None
         self._publish(room, delivery, request_id)
 
     def _on_binary_message(self, frame: Frame) -> None:
         name, data = decode_binary_message(frame.payload)
         room = self._member_room(name, None)
-        room.next_seq()
         payload = encode_binary_delivery(room.name, self.user_id, data)
         self._publish(room, encode(MessageType.MESSAGE, Flags.BINARY, payload), None)
 
@@ -426,6 +430,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 "the message would exceed the largest frame the server delivers",
                 request_id,
             )
+        room.seq += 1  # counts publishes that were delivered
         self.factory.stats.messages_published += 1
         room.broadcast(delivery, exclude=None if self.echo else self)
 

@@ -8,6 +8,11 @@ from typing import Hashable, Protocol
 MAX_ROOM_NAME = 64
 # Unicode category Cc is exactly these two ranges.
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Unicode's White_Space property (str.strip() alone also trims U+001C-U+001F).
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 class Member(Hashable, Protocol):
@@ -19,10 +24,10 @@ class Member(Hashable, Protocol):
 def normalize_room_name(name: str) -> str | None:
     """Return the room that ``name`` designates, or None if it is not valid.
 
-    Names are trimmed; the trimmed name must be 1-64 code points with no
+    Names are trimmed of white space; the trimmed name must be 1-64 code points with no
     control character.
     """
-    name = name.strip()
+    name = name.strip(WHITE_SPACE)
     if not 0 < len(name) <= MAX_ROOM_NAME or _CONTROL_CHARACTER.search(name):
         return None
     return name
@@ -33,7 +38,7 @@ def has_control_character(text: str) -> bool:
 
 
 class Room:
-    """A named set of members, in join order, with a publish counter."""
+    """A named set of members, in join order, with a publish counter ``seq``."""
 
     __slots__ = ("name", "_members", "_snapshot", "seq")
 
@@ -61,10 +66,6 @@ class Room:
     def discard(self, member: Member) -> None:
         if self._members.pop(member, False) is None:
             self._snapshot = tuple(self._members)
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
 
     def broadcast(self, frame: bytes, exclude: Member | None = None) -> None:
         """Hand the same ``frame`` bytes to every member but ``exclude``.

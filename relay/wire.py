@@ -239,31 +239,38 @@ class Decoder:
             )
 
 
-# JSON: orjson for speed, except where it would lose information.  orjson turns
-# integers wider than 64 bits into floats; the standard library keeps them exact.
-_WIDE_INTEGER = re.compile(rb"\d{20}")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+# JSON: orjson parses and decides what is valid (strict RFC 8259: no NaN or
+# Infinity, no lone surrogates, numbers within double range, at most 1024
+# levels deep).  It turns integers beyond 64 bits into floats, so a payload
+# that may hold one (a run of 19 digits) is read again by the standard
+# library, which keeps integers exact.
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
 
 
 def loads(payload: bytes) -> Any:
     """Parse a JSON payload, raising PARSE_ERROR if it is not UTF-8 JSON."""
     try:
-        if _WIDE_INTEGER.search(payload) is None:
-            return orjson.loads(payload)
-        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as error:
+        value = orjson.loads(payload)
+        if _LONG_DIGIT_RUN.search(payload) is not None:
+            value = json.loads(payload)
+        return value
+    except (ValueError, RecursionError) as error:
         raise ProtocolError(ErrorCode.PARSE_ERROR, f"payload is not JSON: {error}") from None
 
 
 def dumps(value: Any) -> bytes:
-    """Serialise ``value`` as compact UTF-8 JSON."""
+    """Serialise ``value`` as compact UTF-8 JSON.
+
+    Raises ValueError for a value too deeply nested to write.
+    """
     try:
         return orjson.dumps(value)
-    except TypeError:  # integers orjson cannot represent
+    except TypeError:  # integers beyond 64 bits, or nesting beyond orjson's 254 levels
+        pass
+    try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("value nested too deeply to serialise") from None
 
 
 def encode_binary_message(room: str, data: bytes) -> bytes:

@@ -202,6 +202,23 @@ class JsonTests(unittest.TestCase):
         payload = b'{"n":123456789012345678901234567890,"m":-184467440737095516160}'
         self.assertEqual(dumps(loads(payload)), payload)
 
+    def test_integers_just_past_64_bits_survive(self) -> None:
+        for text in (b"-9223372036854775809", b"18446744073709551616"):
+            self.assertEqual(dumps(loads(text)), text)
+
+    def test_validity_does_not_depend_on_a_long_digit_run(self) -> None:
+        digits = b',"x":"12345678901234567890"}'
+        for payload in (b'{"a":1e400' + digits, b'{"a":"\\ud800"' + digits, b'{"a":NaN' + digits):
+            with self.assertRaises(ProtocolError) as caught:
+                loads(payload)
+            self.assertEqual(caught.exception.code, ErrorCode.PARSE_ERROR)
+
+    def test_too_deep_to_serialise_is_a_value_error(self) -> None:
+        deep = loads(b"[" * 1000 + b"]" * 1000)
+        with self.assertRaises(ValueError):
+            dumps(deep)
+        self.assertEqual(dumps(loads(b"[" * 300 + b"]" * 300)), b"[" * 300 + b"]" * 300)
+
     def test_unicode_is_written_as_utf8(self) -> None:
         self.assertEqual(dumps({"t": "é✓"}), '{"t":"é✓"}'.encode())
 
