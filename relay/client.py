@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import __version__
+from relay.tls import split_description
 from relay.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_ENVELOPE,
@@ -602,7 +603,7 @@ def build_endpoint(reactor: Any, description: str, ca_file: str | None = None,
         return _websocket_endpoint(reactor, description, ca_file, client_cert)
     if ca_file is None and client_cert is None:
         return clientFromString(reactor, description)
-    scheme, args, kwargs = _split_description(description)
+    scheme, args, kwargs = split_description(description)
     if scheme != "tls":
         raise ValueError("ca_file and client_cert need a tls: endpoint or a wss:// URL")
     host = kwargs.get("host") or (args[0] if args else None)
@@ -632,31 +633,6 @@ def _tls_options(host: str, ca_file: str | None, client_cert: str | None) -> Any
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
-
-
-def _split_description(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split a strports-style description into scheme, arguments and keywords."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for part in parts[1:]:
-        key, equals, value = part.partition("=")
-        if equals:
-            kwargs[key] = value
-        else:
-            args.append(part)
-    return parts[0], args, kwargs
 
 
 def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,
