@@ -156,6 +156,19 @@ class Decoder:
         self._error: ProtocolError | None = None
 
     @property
+    def allow_compressed(self) -> bool:
+        """Whether the COMPRESSED flag is accepted (once negotiated)."""
+        return self._allow_compressed
+
+    @allow_compressed.setter
+    def allow_compressed(self, allow: bool) -> None:
+        self._allow_compressed = allow
+        # Every acceptable flags byte, so the common case is one set lookup.
+        self._valid_flags = frozenset(
+            flags for flags in range(256) if _flags_problem(flags, allow) is None
+        )
+
+    @property
     def buffered(self) -> int:
         """How many received bytes wait for the rest of their frame."""
         return len(self._buffer)
@@ -170,28 +183,52 @@ class Decoder:
         if self._error is not None:
             raise self._error
         buffer = self._buffer
-        buffer += data
+        # Frames are cut straight out of ``data`` (one copy each) unless a
+        # partial frame from the last call has to be completed first.
+        if buffer:
+            buffer += data
+            data = buffer
+        elif type(data) is not bytes:  # payloads must come out as bytes
+            data = bytes(data)
+        end_of_data = len(data)
         offset = 0
+        unpack = HEADER.unpack_from
+        max_length = self.max_frame_size
+        known_types = self.known_types
+        valid_flags = self._valid_flags
         try:
-            while len(buffer) - offset >= HEADER_SIZE:
-                length, version, type_, flags = HEADER.unpack_from(buffer, offset)
-                self._check_header(length, version, type_, flags)
+            while end_of_data - offset >= HEADER_SIZE:
+                length, version, type_, flags = unpack(data, offset)
+                if not (
+                    MIN_LENGTH <= length <= max_length
+                    and version == VERSION
+                    and type_ in known_types
+                    and flags in valid_flags
+                ):
+                    self._check_header(length, version, type_, flags)
                 end = offset + LENGTH_SIZE + length
-                if end > len(buffer):
+                if end > end_of_data:
                     break
-                frame = Frame(type_, flags, bytes(buffer[offset + HEADER_SIZE : end]))
+                start = offset + HEADER_SIZE
+                if data is buffer:
+                    payload = bytes(memoryview(buffer)[start:end])
+                else:
+                    payload = data[start:end]
                 offset = end
-                yield frame
+                yield Frame(type_, flags, payload)
             else:
-                self._check_partial_header(buffer, offset)
+                self._check_partial_header(data, offset)
         except ProtocolError as error:
             self._error = error
-            offset = len(buffer)
+            offset = end_of_data
             raise
         finally:
-            del buffer[:offset]
+            if data is buffer:
+                del buffer[:offset]
+            elif offset < end_of_data:
+                buffer += memoryview(data)[offset:]
 
-    def _check_partial_header(self, buffer: bytearray, offset: int) -> None:
+    def _check_partial_header(self, buffer: bytes | bytearray, offset: int) -> None:
         available = len(buffer) - offset
         if available >= LENGTH_SIZE:
             (length,) = struct.unpack_from("!I", buffer, offset)
@@ -225,18 +262,20 @@ class Decoder:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_MESSAGE_TYPE, f"message type 0x{type_:02x} is not known"
             )
-        if flags & RESERVED_FLAGS:
-            raise ProtocolError(
-                ErrorCode.INVALID_FRAME, f"reserved flag bits set in 0x{flags:02x}"
-            )
-        if flags & Flags.JSON and flags & Flags.BINARY:
-            raise ProtocolError(
-                ErrorCode.INVALID_FRAME, "the JSON and BINARY flags are exclusive"
-            )
-        if flags & Flags.COMPRESSED and not self.allow_compressed:
-            raise ProtocolError(
-                ErrorCode.INVALID_FRAME, "compression was not negotiated"
-            )
+        problem = _flags_problem(flags, self.allow_compressed)
+        if problem is not None:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, problem)
+
+
+def _flags_problem(flags: int, allow_compressed: bool) -> str | None:
+    """Why a flags byte is invalid, or None if it is valid."""
+    if flags & RESERVED_FLAGS:
+        return f"reserved flag bits set in 0x{flags:02x}"
+    if flags & Flags.JSON and flags & Flags.BINARY:
+        return "the JSON and BINARY flags are exclusive"
+    if flags & Flags.COMPRESSED and not allow_compressed:
+        return "compression was not negotiated"
+    return None
 
 
 # JSON: orjson parses and decides what is valid (strict RFC 8259: no NaN or
@@ -251,11 +290,28 @@ def loads(payload: bytes) -> Any:
     """Parse a JSON payload, raising PARSE_ERROR if it is not UTF-8 JSON."""
     try:
         value = orjson.loads(payload)
-        if _LONG_DIGIT_RUN.search(payload) is not None:
+        # An integer orjson widened is a float in its result: only then is
+        # the payload worth scanning, which costs far more than the parse.
+        if _has_float(value) and _LONG_DIGIT_RUN.search(payload) is not None:
             value = json.loads(payload)
         return value
     except (ValueError, RecursionError) as error:
         raise ProtocolError(ErrorCode.PARSE_ERROR, f"payload is not JSON: {error}") from None
+
+
+def _has_float(value: Any) -> bool:
+    """Whether a parsed JSON value holds a float anywhere."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind is float:
+            return True
+        if kind is dict:
+            pending.extend(value.values())
+        elif kind is list:
+            pending.extend(value)
+    return False
 
 
 def dumps(value: Any) -> bytes:
@@ -291,6 +347,32 @@ def encode_binary_delivery(room: str, sender: str, data: bytes) -> bytes:
     sender_bytes = sender.encode()
     return b"".join(
         (
+            _U16.pack(len(room_bytes)),
+            room_bytes,
+            _U16.pack(len(sender_bytes)),
+            sender_bytes,
+            data,
+        )
+    )
+
+
+def split_binary_message(payload: bytes) -> tuple[str, int]:
+    """The room of a client's binary MESSAGE, and where its data starts."""
+    return _read_string(payload, 0)
+
+
+def encode_binary_delivery_frame(room: str, sender: str, message: bytes, start: int) -> bytes:
+    """Wire bytes of the binary MESSAGE delivering ``message[start:]``.
+
+    Built with a single copy of the data, which may be large.
+    """
+    room_bytes = room.encode()
+    sender_bytes = sender.encode()
+    data = memoryview(message)[start:]
+    payload_size = 2 * _U16.size + len(room_bytes) + len(sender_bytes) + len(data)
+    return b"".join(
+        (
+            HEADER.pack(MIN_LENGTH + payload_size, VERSION, MessageType.MESSAGE, Flags.BINARY),
             _U16.pack(len(room_bytes)),
             room_bytes,
             _U16.pack(len(sender_bytes)),
