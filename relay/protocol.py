@@ -37,12 +37,12 @@ from relay.wire import (
     Frame,
     MessageType,
     ProtocolError,
-    decode_binary_message,
     encode,
-    encode_binary_delivery,
+    encode_binary_delivery_frame,
     encode_error,
     encode_json,
     loads,
+    split_binary_message,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +63,13 @@ class State(enum.Enum):
     CLOSING = "CLOSING"
     CLOSED = "CLOSED"
 
+
+# The hot paths compare against plain module globals: looking a member up on
+# its enum class, or combining IntFlags, costs far more than the work itself.
+_OPEN = State.OPEN
+_DRAINING = State.DRAINING
+_JSON = int(Flags.JSON)
+_BINARY = int(Flags.BINARY)
 
 _ALLOWED_TRANSITIONS = {
     State.INIT: {State.OPEN},
@@ -153,7 +160,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
     @property
     def accepting(self) -> bool:
         """True while the connection takes new work (OPEN or DRAINING)."""
-        return self.state is State.OPEN or self.state is State.DRAINING
+        state = self.state
+        return state is _OPEN or state is _DRAINING
 
     def connectionMade(self) -> None:
         self._transition(State.OPEN)
@@ -234,14 +242,16 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if not self.accepting:
             return  # nothing is parsed after a violation
         self.resetTimeout()
-        self.factory.stats.bytes_in += len(data)
+        stats = self.factory.stats
+        stats.bytes_in += len(data)
         try:
             for frame in self._decoder.feed(data):
-                self.factory.stats.frames_in += 1
+                stats.frames_in += 1
                 if self._debug:
                     self._trace("in", frame)
                 self._dispatch(frame)
-                if not self.accepting:
+                state = self.state
+                if state is not _OPEN and state is not _DRAINING:
                     break
         except ProtocolError as error:
             self.fail(error.code, error.message)
@@ -262,7 +272,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _request(self, frame: Frame) -> tuple[dict[str, Any], Any]:
         """Parse a JSON request; return its body and its ``id`` (or None)."""
-        if not frame.flags & Flags.JSON:
+        if not frame.flags & _JSON:
             raise RequestError(ErrorCode.BAD_REQUEST, "this request needs a JSON payload")
         body = loads(frame.payload)
         if not isinstance(body, dict):
@@ -374,7 +384,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _on_message(self, frame: Frame) -> None:
         self._requests_seen = True
-        if frame.flags & Flags.BINARY:
+        if frame.flags & _BINARY:
             self._on_binary_message(frame)
         else:
             self._on_json_message(frame)
@@ -405,10 +415,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._publish(room, delivery, request_id)
 
     def _on_binary_message(self, frame: Frame) -> None:
-        name, data = decode_binary_message(frame.payload)
+        name, start = split_binary_message(frame.payload)
         room = self._member_room(name, None)
-        payload = encode_binary_delivery(room.name, self.user_id, data)
-        self._publish(room, encode(MessageType.MESSAGE, Flags.BINARY, payload), None)
+        delivery = encode_binary_delivery_frame(room.name, self.user_id, frame.payload, start)
+        self._publish(room, delivery, None)
 
     def _member_room(self, name: str, request_id: Any):
         """The room this connection may publish to, by the name it gave."""
@@ -461,11 +471,12 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
         The caller (a read, through the factory) flushes after its batch.
         """
-        if self.state is State.OPEN:
+        state = self.state
+        if state is _OPEN:
             if not self._outbox:
                 self.factory.mark_dirty(self)
             self._outbox.append(frame)
-        elif self.state is State.DRAINING:
+        elif state is _DRAINING:
             self._outbox.append(frame)
             self._pending_bytes += len(frame)
             if self._pending_bytes > self._max_pending:
@@ -481,7 +492,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def flush(self) -> None:
         """Write the outbox to the transport, unless it is paused or closing."""
-        if self.state is not State.OPEN or not self._outbox:
+        if self.state is not _OPEN or not self._outbox:
             return
         frames, self._outbox = self._outbox, []
         self._write(frames)
