@@ -65,8 +65,6 @@ CONNECT_CONCURRENCY = 100
 DEFAULT_DRAIN = 5.0
 # At full speed the tracker parses every Nth delivery for latency.
 SAMPLE_EVERY = 16
-# Read size for bench connections: fewer, larger reads cost less per byte.
-READ_SIZE = 1 << 20
 STAMP_FORMAT = b"%017.6f"
 STAMP_SIZE = len(STAMP_FORMAT % 0.0)
 PAD_BYTE = b"x"
@@ -192,9 +190,6 @@ class BenchConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
-        # Larger reads: the bench must cost less per delivery than the server.
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = READ_SIZE
         self.transport.write(
             encode_json(MessageType.HELLO, {"userId": self.name, "clientVersion": "relay-bench"})
             + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
