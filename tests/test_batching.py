@@ -1,0 +1,266 @@
+"""Fan-out semantics under outbound batching.
+
+A read may carry many frames; every member's frames are queued and written
+once at the end of the read.  These tests prove that the batching keeps
+ordering, sender exclusion, DRAINING and the slow-consumer cut-off exactly
+as the protocol contract states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from relay.protocol import RelayProtocol, State
+from relay.server import RelayConfig, RelayFactory
+from relay.wire import (
+    Decoder,
+    ErrorCode,
+    Flags,
+    Frame,
+    MessageType,
+    decode_binary_delivery,
+    encode,
+    encode_binary_message,
+    encode_json,
+    loads,
+)
+
+from tests.support import IntegrationTestCase
+
+ROOM = "lobby"
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that remembers how many writes it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.writes += 1
+        super().writeSequence(data)
+
+
+class Member:
+    """One server-side connection, joined to ROOM, and what its client got."""
+
+    def __init__(self, factory: RelayFactory, user: str, echo: bool = False) -> None:
+        self.transport = CountingTransport()
+        self.protocol: RelayProtocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+        self.send(
+            encode_json(MessageType.HELLO, {"userId": user, "echo": echo})
+            + encode_json(MessageType.JOIN_ROOM, {"room": ROOM})
+        )
+        hello, join = self.frames()
+        assert (hello.type, join.type) == (MessageType.HELLO, MessageType.JOIN_ROOM)
+        self.transport.writes = 0
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def frames(self) -> list[Frame]:
+        """Frames written since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return list(self._decoder.feed(data))
+
+    def contents(self) -> list[Any]:
+        """The content of each JSON MESSAGE received since the last call."""
+        return [
+            loads(frame.payload)["content"]
+            for frame in self.frames()
+            if frame.type == MessageType.MESSAGE
+        ]
+
+
+def publish(count: int, first: int = 0) -> bytes:
+    """``count`` MESSAGEs to ROOM, as the bytes of one read."""
+    return b"".join(
+        encode_json(MessageType.MESSAGE, {"room": ROOM, "content": first + index})
+        for index in range(count)
+    )
+
+
+class BatchingTestCase(unittest.TestCase):
+    max_pending = 64 * 1024
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        config = RelayConfig(max_pending=self.max_pending)
+        self.factory = RelayFactory(config, reactor=self.clock)
+
+    def members(self, count: int, **options: Any) -> list[Member]:
+        return [Member(self.factory, f"user-{index}", **options) for index in range(count)]
+
+
+class OrderingTests(BatchingTestCase):
+    def test_one_read_of_many_publishes_is_one_write_per_member(self) -> None:
+        publisher, *subscribers = self.members(4)
+        publisher.send(publish(50))
+        for subscriber in subscribers:
+            self.assertEqual(subscriber.transport.writes, 1)
+            self.assertEqual(subscriber.contents(), list(range(50)))
+
+    def test_publish_order_holds_across_reads_and_publishers(self) -> None:
+        alice, bob, carol = self.members(3)
+        alice.send(publish(3, first=0))
+        bob.send(publish(3, first=100))
+        alice.send(publish(2, first=10))
+        self.assertEqual(carol.contents(), [0, 1, 2, 100, 101, 102, 10, 11])
+        self.assertEqual(bob.contents(), [0, 1, 2, 10, 11])
+        self.assertEqual(alice.contents(), [100, 101, 102])
+
+    def test_seq_counts_up_in_publish_order_within_a_batch(self) -> None:
+        publisher, subscriber = self.members(2)
+        publisher.send(publish(20))
+        seqs = [loads(frame.payload)["seq"] for frame in subscriber.frames()]
+        self.assertEqual(seqs, sorted(seqs))
+        self.assertEqual(len(set(seqs)), 20)
+
+    def test_replies_and_deliveries_keep_their_order_in_one_write(self) -> None:
+        alice, bob = self.members(2)
+        heartbeat = encode(MessageType.HEARTBEAT, Flags.NONE, b"")
+        # Bob's read: a delivery queued by Alice sits in his outbox before
+        # his own heartbeat echo and the deliveries that follow.
+        alice.send(publish(1, first=1))
+        bob.send(heartbeat)
+        self.assertEqual(
+            [f.type for f in bob.frames()], [MessageType.MESSAGE, MessageType.HEARTBEAT]
+        )
+        bob.send(heartbeat + publish(1, first=2) + heartbeat)
+        self.assertEqual(
+            [f.type for f in bob.frames()], [MessageType.HEARTBEAT, MessageType.HEARTBEAT]
+        )
+        self.assertEqual(alice.contents(), [2])
+
+    def test_binary_deliveries_keep_order_and_bytes(self) -> None:
+        publisher, subscriber = self.members(2)
+        datas = [bytes([index]) * (index * 100) for index in range(1, 8)]
+        publisher.send(
+            b"".join(
+                encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message(ROOM, data))
+                for data in datas
+            )
+        )
+        received = [decode_binary_delivery(frame.payload) for frame in subscriber.frames()]
+        self.assertEqual(received, [(ROOM, "user-0", data) for data in datas])
+
+
+class ExclusionTests(BatchingTestCase):
+    def test_sender_is_excluded_from_its_own_batch(self) -> None:
+        publisher, subscriber = self.members(2)
+        publisher.send(publish(10))
+        self.assertEqual(publisher.frames(), [])
+        self.assertEqual(publisher.transport.writes, 0)
+        self.assertEqual(subscriber.contents(), list(range(10)))
+
+    def test_echo_sender_receives_its_batch_in_order(self) -> None:
+        (publisher,) = self.members(1, echo=True)
+        publisher.send(publish(10))
+        self.assertEqual(publisher.transport.writes, 1)
+        self.assertEqual(publisher.contents(), list(range(10)))
+
+
+class DrainingTests(BatchingTestCase):
+    def test_paused_member_gets_nothing_until_resumed_then_all_in_order(self) -> None:
+        publisher, paused, running = self.members(3)
+        paused.protocol.pauseProducing()
+        self.assertIs(paused.protocol.state, State.DRAINING)
+        publisher.send(publish(5))
+        publisher.send(publish(5, first=5))
+        self.assertEqual(paused.transport.value(), b"")
+        self.assertEqual(running.contents(), list(range(10)))
+        paused.protocol.resumeProducing()
+        self.assertIs(paused.protocol.state, State.OPEN)
+        self.assertEqual(paused.transport.writes, 1)
+        self.assertEqual(paused.contents(), list(range(10)))
+
+    def test_draining_member_still_has_its_requests_handled(self) -> None:
+        publisher, paused = self.members(2)
+        paused.protocol.pauseProducing()
+        paused.send(publish(3))
+        self.assertEqual(publisher.contents(), [0, 1, 2])
+        self.assertEqual(paused.transport.value(), b"")
+
+
+class SlowConsumerTests(BatchingTestCase):
+    max_pending = 4096
+
+    def test_slow_consumer_is_cut_off_mid_batch_and_the_others_get_everything(self) -> None:
+        publisher, slow, fast = self.members(3)
+        slow.protocol.pauseProducing()
+        # Comfortably more than max_pending in one read.
+        count = 200
+        publisher.send(publish(count))
+        self.assertEqual(fast.contents(), list(range(count)))
+        self.assertIs(slow.protocol.state, State.CLOSING)
+        self.assertTrue(slow.transport.disconnecting)
+        (error,) = slow.frames()
+        self.assertEqual(error.type, MessageType.ERROR)
+        self.assertEqual(loads(error.payload)["code"], ErrorCode.SLOW_CONSUMER.value)
+
+    def test_bytes_below_the_limit_are_kept_while_paused(self) -> None:
+        publisher, slow = self.members(2)
+        slow.protocol.pauseProducing()
+        publisher.send(publish(10))
+        self.assertIs(slow.protocol.state, State.DRAINING)
+        slow.protocol.resumeProducing()
+        self.assertEqual(slow.contents(), list(range(10)))
+
+    def test_limit_counts_what_was_queued_before_the_pause(self) -> None:
+        (slow,) = self.members(1)
+        # Queued in the same read, then the transport pauses before the flush.
+        frames = publish(120)
+        self.assertLess(len(frames) // 2, self.max_pending)
+        self.assertGreater(len(frames), self.max_pending)
+        half = len(frames) // 2
+        slow.protocol.enqueue(frames[:half])
+        slow.protocol.pauseProducing()
+        slow.protocol.enqueue(frames[half:])
+        self.assertIs(slow.protocol.state, State.CLOSING)
+
+
+class ViolationTests(BatchingTestCase):
+    def test_frames_before_a_violation_are_delivered_none_after(self) -> None:
+        publisher, subscriber = self.members(2)
+        bad = encode(MessageType.HEARTBEAT, 0x80, b"")  # reserved flag bit
+        publisher.send(publish(3) + bad + publish(3, first=3))
+        self.assertEqual(subscriber.contents(), [0, 1, 2])
+        (error,) = publisher.frames()
+        self.assertEqual(loads(error.payload)["code"], ErrorCode.INVALID_FRAME.value)
+        self.assertTrue(publisher.transport.disconnecting)
+
+
+class LoopbackBatchingTests(IntegrationTestCase):
+    """The same guarantees over real sockets, with reads split by the kernel."""
+
+    async def test_many_publishes_in_one_write_arrive_in_order_everywhere(self) -> None:
+        publisher = await self.connect()
+        subscribers = [await self.connect() for _ in range(3)]
+        for index, client in enumerate([publisher, *subscribers]):
+            await client.hello(userId=f"user-{index}")
+            await client.join(ROOM)
+        count = 500
+        publisher.send(publish(count))
+        for subscriber in subscribers:
+            contents = []
+            while len(contents) < count:
+                type_, body = await subscriber.next_json()
+                self.assertEqual(type_, MessageType.MESSAGE)
+                contents.append(body["content"])
+            self.assertEqual(contents, list(range(count)))
+        # The publisher was excluded: a heartbeat comes back as its next frame.
+        publisher.send_frame(MessageType.HEARTBEAT)
+        frame = await publisher.next_frame()
+        self.assertEqual(frame.type, MessageType.HEARTBEAT)
