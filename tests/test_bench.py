@@ -11,9 +11,12 @@ from relay.bench import (
     BenchConfig,
     LengthWalker,
     MarkerCounter,
+    Tracker,
+    json_message,
     parse_args,
+    stamp,
 )
-from relay.wire import Flags, MessageType, encode, encode_binary_delivery, encode_json
+from relay.wire import Flags, MessageType, encode, encode_binary_delivery, encode_json, loads
 
 from tests.support import LoopbackServerMixin
 
@@ -61,6 +64,40 @@ class CountingTests(unittest.TestCase):
             for start in range(0, len(data), step):
                 counter.dataReceived(data[start : start + step])
             self.assertEqual(counter.count, 9, f"split every {step} bytes")
+
+
+class TrackerTests(unittest.TestCase):
+    """The tracker counts like the others and reads send stamps in place."""
+
+    def test_tracker_counts_and_samples_across_every_split(self) -> None:
+        sent = 1000.25
+        delivery = encode_json(
+            MessageType.MESSAGE,
+            {"room": "r", "from": "p", "content": stamp(sent).decode() + "x" * 40, "seq": 1},
+        )
+        data = delivery * 12
+        for step in (1, 5, 7, 50, len(delivery), 4096):
+            tracker = Tracker(
+                "t", "r", lambda c: None, sample_every=4, clock=lambda: sent + 0.5,
+                on_progress=lambda: None,
+            )
+            tracker.joined = tracker.sampling = True
+            for start in range(0, len(data), step):
+                tracker.dataReceived(data[start : start + step])
+            self.assertEqual(tracker.count, 12, f"split every {step} bytes")
+            # Samples whose head was cut by a read are skipped, never misread.
+            self.assertTrue(all(latency == 0.5 for latency in tracker.latencies))
+            if step >= len(delivery):
+                self.assertEqual(len(tracker.latencies), 3)
+
+    def test_publisher_message_layout_is_valid_json_with_the_stamp_first(self) -> None:
+        before, after = json_message("room-1", 64)
+        frame = before + stamp(12.5) + after
+        body = frame[7:]
+        self.assertEqual(int.from_bytes(frame[:4], "big"), len(frame) - 4)
+        content = loads(body)["content"]
+        self.assertEqual(len(content), 64)
+        self.assertEqual(float(content[:17]), 12.5)
 
 
 class CommandLineTests(unittest.TestCase):
