@@ -7,8 +7,9 @@ The protocol is thin glue between a transport and the sans-IO codec in
 
 and its outbound path.  Frames for the client (replies and deliveries) are
 appended to an outbox; the factory flushes every dirty outbox once at the end
-of each inbound read, so a broadcast costs each member one list append and
-each member one transport write per read, however many frames it carried.
+of each inbound read, so each member gets one transport write per read,
+however many frames it carried.  Consecutive broadcasts to a room share one
+outbox entry, a ``Fanout``, joined once for all members at the flush.
 The protocol is the transport's push producer: while the transport is paused
 (DRAINING) the outbox keeps growing, and past ``max_pending`` bytes the
 client is cut off as a slow consumer.
@@ -27,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from relay import __version__
-from relay.rooms import has_control_character, normalize_room_name
+from relay.rooms import Fanout, has_control_character, normalize_room_name
 from relay.tls import certificate_user_id
 from relay.wire import (
     MAX_ENVELOPE,
@@ -118,7 +119,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.certified_user_id: str | None = None
         self.echo = False
         self.rooms: set[str] = set()
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes | Fanout] = []
         self._pending_bytes = 0
         self._said_hello = False
         self._requests_seen = False
@@ -442,7 +443,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             )
         room.seq += 1  # counts publishes that were delivered
         self.factory.stats.messages_published += 1
-        room.broadcast(delivery, exclude=None if self.echo else self)
+        room.broadcast(delivery, exclude=None if self.echo else self, batch=self.factory.batch)
 
     def _on_heartbeat(self, frame: Frame) -> None:
         self.enqueue(encode(MessageType.HEARTBEAT, frame.flags, frame.payload))
@@ -472,12 +473,15 @@ class RelayProtocol(Protocol, TimeoutMixin):
         The caller (a read, through the factory) flushes after its batch.
         """
         state = self.state
+        outbox = self._outbox
+        if outbox and type(outbox[-1]) is Fanout:
+            outbox[-1].closed = True  # this frame goes after it
         if state is _OPEN:
-            if not self._outbox:
+            if not outbox:
                 self.factory.mark_dirty(self)
-            self._outbox.append(frame)
+            outbox.append(frame)
         elif state is _DRAINING:
-            self._outbox.append(frame)
+            outbox.append(frame)
             self._pending_bytes += len(frame)
             if self._pending_bytes > self._max_pending:
                 self.fail(
@@ -490,6 +494,22 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if self._debug:
             self._trace_out(frame)
 
+    def enqueue_shared(self, fanout: Fanout) -> bool:
+        """Queue a room's shared ``fanout`` as one outbox entry, in order.
+
+        Only while OPEN (a paused connection counts its bytes frame by frame)
+        and untraced; False asks the room for the frames one by one.
+        """
+        if self.state is not _OPEN or self._debug:
+            return False
+        outbox = self._outbox
+        if not outbox:
+            self.factory.mark_dirty(self)
+        elif type(outbox[-1]) is Fanout:
+            outbox[-1].closed = True  # the new one goes after it
+        outbox.append(fanout)
+        return True
+
     def flush(self) -> None:
         """Write the outbox to the transport, unless it is paused or closing."""
         if self.state is not _OPEN or not self._outbox:
@@ -497,16 +517,35 @@ class RelayProtocol(Protocol, TimeoutMixin):
         frames, self._outbox = self._outbox, []
         self._write(frames)
 
-    def _write(self, frames: list[bytes]) -> None:
+    def _write(self, entries: list[bytes | Fanout]) -> None:
+        """Write outbox entries: frames, and shared fanouts joined once for all."""
         stats = self.factory.stats
-        stats.frames_out += len(frames)
         if IMessageTransport.providedBy(self.transport):
+            frames = _frames_of(entries)
+            stats.frames_out += len(frames)
             stats.bytes_out += sum(map(len, frames))
             self.transport.writeSequence(frames)
+            return
+        if len(entries) == 1:
+            entry = entries[0]
+            if type(entry) is Fanout:
+                stats.frames_out += len(entry.frames)
+                data = entry.join()
+            else:
+                stats.frames_out += 1
+                data = entry
         else:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            stats.bytes_out += len(data)
-            self.transport.write(data)
+            parts = []
+            for entry in entries:
+                if type(entry) is Fanout:
+                    stats.frames_out += len(entry.frames)
+                    parts.append(entry.join())
+                else:
+                    stats.frames_out += 1
+                    parts.append(entry)
+            data = b"".join(parts)
+        stats.bytes_out += len(data)
+        self.transport.write(data)
 
     # IPushProducer: the transport tells us when its buffer is full.
 
@@ -539,6 +578,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _trace_out(self, data: bytes) -> None:
         if self._debug:
             self._trace("out", Frame(data[5], data[6], data[7:]))
+
+
+def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
+    """Outbox entries as single frames (for transports that keep boundaries)."""
+    frames: list[bytes] = []
+    for entry in entries:
+        if type(entry) is Fanout:
+            entry.closed = True
+            frames.extend(entry.frames)
+        else:
+            frames.append(entry)
+    return frames
 
 
 def _type_name(type_: int) -> str:

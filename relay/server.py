@@ -67,6 +67,9 @@ class RelayFactory(ServerFactory):
         self.connections: set[RelayProtocol] = set()
         self.stats = Stats(started=reactor.seconds())
         self._dirty: list[RelayProtocol] = []
+        # Numbers the flushes: broadcasts made under one number go out in
+        # the same flush, so a room may share one Fanout among them.
+        self.batch = 0
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
@@ -101,6 +104,7 @@ class RelayFactory(ServerFactory):
 
     def flush(self) -> None:
         """Write every outbox filled since the last flush."""
+        self.batch += 1
         dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush()

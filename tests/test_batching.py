@@ -14,7 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from relay.protocol import RelayProtocol, State
+from zope.interface import directlyProvides
+
+from relay.protocol import IMessageTransport, RelayProtocol, State
 from relay.server import RelayConfig, RelayFactory
 from relay.wire import (
     Decoder,
@@ -35,26 +37,33 @@ ROOM = "lobby"
 
 
 class CountingTransport(StringTransport):
-    """A StringTransport that remembers how many writes it was given."""
+    """A StringTransport that remembers the writes it was given."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.written: list[Any] = []
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        self.written.append(data)
         super().write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.writes += 1
+        self.written.append(list(data))
         super().writeSequence(data)
 
 
 class Member:
     """One server-side connection, joined to ROOM, and what its client got."""
 
-    def __init__(self, factory: RelayFactory, user: str, echo: bool = False) -> None:
+    def __init__(
+        self, factory: RelayFactory, user: str, echo: bool = False, messages: bool = False
+    ) -> None:
         self.transport = CountingTransport()
+        if messages:
+            directlyProvides(self.transport, IMessageTransport)
         self.protocol: RelayProtocol = factory.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
         self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
@@ -65,6 +74,7 @@ class Member:
         hello, join = self.frames()
         assert (hello.type, join.type) == (MessageType.HELLO, MessageType.JOIN_ROOM)
         self.transport.writes = 0
+        self.transport.written = []
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -84,12 +94,16 @@ class Member:
         ]
 
 
-def publish(count: int, first: int = 0) -> bytes:
-    """``count`` MESSAGEs to ROOM, as the bytes of one read."""
+def publish(count: int, first: int = 0, room: str = ROOM) -> bytes:
+    """``count`` MESSAGEs to ``room``, as the bytes of one read."""
     return b"".join(
-        encode_json(MessageType.MESSAGE, {"room": ROOM, "content": first + index})
+        encode_json(MessageType.MESSAGE, {"room": room, "content": first + index})
         for index in range(count)
     )
+
+
+def join(room: str) -> bytes:
+    return encode_json(MessageType.JOIN_ROOM, {"room": room})
 
 
 class BatchingTestCase(unittest.TestCase):
@@ -155,6 +169,104 @@ class OrderingTests(BatchingTestCase):
         )
         received = [decode_binary_delivery(frame.payload) for frame in subscriber.frames()]
         self.assertEqual(received, [(ROOM, "user-0", data) for data in datas])
+
+
+class SharedFanoutTests(BatchingTestCase):
+    """Consecutive broadcasts share one outbox entry; order is still per member."""
+
+    def test_members_are_written_the_same_bytes_object(self) -> None:
+        publisher, alice, bob = self.members(3)
+        publisher.send(publish(30))
+        (to_alice,) = alice.transport.written
+        (to_bob,) = bob.transport.written
+        self.assertIs(to_alice, to_bob)
+        self.assertEqual(alice.contents(), list(range(30)))
+
+    def test_alternating_rooms_in_one_read_keep_publish_order(self) -> None:
+        publisher, both, only_lobby = self.members(3)
+        for member in (publisher, both):
+            member.send(join("other"))
+            member.frames()
+        publisher.send(
+            publish(2, first=0) + publish(2, first=10, room="other") + publish(2, first=20)
+        )
+        self.assertEqual(both.contents(), [0, 1, 10, 11, 20, 21])
+        self.assertEqual(only_lobby.contents(), [0, 1, 20, 21])
+
+    def test_echo_sender_replies_interleave_with_its_broadcasts(self) -> None:
+        (publisher,) = self.members(1, echo=True)
+        heartbeat = encode(MessageType.HEARTBEAT, Flags.NONE, b"")
+        publisher.send(publish(2) + heartbeat + publish(2, first=2) + join("other") + publish(1, first=4))
+        self.assertEqual(
+            [(f.type, loads(f.payload).get("content") if f.flags & Flags.JSON else None)
+             for f in publisher.frames()],
+            [
+                (MessageType.MESSAGE, 0),
+                (MessageType.MESSAGE, 1),
+                (MessageType.HEARTBEAT, None),
+                (MessageType.MESSAGE, 2),
+                (MessageType.MESSAGE, 3),
+                (MessageType.JOIN_ROOM, None),
+                (MessageType.MESSAGE, 4),
+            ],
+        )
+
+    def test_membership_change_mid_read_starts_a_new_fanout(self) -> None:
+        publisher, subscriber, other = self.members(3)
+        other.send(join("other"))
+        other.frames()
+        # The publisher joins "other" mid-read, between broadcasts to it.
+        publisher.send(
+            publish(1, first=0)
+            + join("other")
+            + publish(2, first=10, room="other")
+            + publish(1, first=1)
+        )
+        self.assertEqual(other.contents(), [0, 10, 11, 1])
+        self.assertEqual(subscriber.contents(), [0, 1])
+        self.assertEqual(publisher.frames()[0].type, MessageType.JOIN_ROOM)
+
+    def test_paused_member_counts_shared_broadcasts_frame_by_frame(self) -> None:
+        publisher, paused, running = self.members(3)
+        paused.protocol.pauseProducing()
+        one = len(publish(1))
+        count = self.max_pending // one + 1
+        publisher.send(publish(count))
+        self.assertEqual(running.contents(), list(range(count)))
+        self.assertIs(paused.protocol.state, State.CLOSING)
+        self.assertEqual(
+            loads(paused.frames()[-1].payload)["code"], ErrorCode.SLOW_CONSUMER.value
+        )
+
+    def test_fanout_nobody_shared_does_not_outlive_its_flush(self) -> None:
+        publisher, alice, bob = self.members(3)
+        for member in (alice, bob):
+            member.protocol.pauseProducing()
+        publisher.send(publish(3))
+        for member in (alice, bob):
+            member.protocol.resumeProducing()
+        publisher.send(publish(2, first=3))
+        self.assertIs(alice.transport.written[-1], bob.transport.written[-1])
+        self.assertEqual(alice.contents(), [0, 1, 2, 3, 4])
+        self.assertEqual(bob.contents(), [0, 1, 2, 3, 4])
+
+    def test_message_transport_gets_each_frame_as_its_own_element(self) -> None:
+        publisher = Member(self.factory, "publisher")
+        websocket = Member(self.factory, "websocket", messages=True)
+        publisher.send(publish(3))
+        (sequence,) = websocket.transport.written
+        self.assertEqual(len(sequence), 3)
+        self.assertEqual(
+            [loads(Decoder().feed(frame).__next__().payload)["content"] for frame in sequence],
+            [0, 1, 2],
+        )
+
+    def test_room_keeps_no_fanout_alive_after_the_flush(self) -> None:
+        publisher, subscriber = self.members(2)
+        publisher.send(publish(5))
+        self.assertEqual(subscriber.contents(), list(range(5)))
+        room = self.factory.registry.get(ROOM)
+        self.assertIsNone(room._fanout())
 
 
 class ExclusionTests(BatchingTestCase):
