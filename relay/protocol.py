@@ -166,6 +166,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._transition(State.OPEN)
+        if hasattr(self.transport, "bufferSize"):  # socket transports, not wrappers
+            # Bigger reads batch more frames into each flush.
+            self.transport.bufferSize = self.factory.config.read_size
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
         log.info(

@@ -33,6 +33,10 @@ class RelayConfig:
     max_pending: int = 4 * 1024 * 1024
     max_rooms: int = 64
     max_connections: int = 50_000
+    # Bytes read from a client at once, and the transport buffer at which it
+    # is paused.  Larger reads put more frames in each flush; just under
+    # glibc's 128 KiB mmap threshold, so each read still comes off the heap.
+    read_size: int = 124 * 1024
     debug: bool = False
 
     @property

@@ -47,6 +47,7 @@ class Options(usage.Options):
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
+        ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
     ]
 
@@ -88,6 +89,7 @@ class Options(usage.Options):
             max_pending=self["max-pending"],
             max_rooms=self["max-rooms"],
             max_connections=self["max-connections"],
+            read_size=self["read-size"],
             debug=bool(self["debug"]),
         )
 
