@@ -193,6 +193,8 @@ class Decoder:
         end_of_data = len(data)
         offset = 0
         unpack = HEADER.unpack_from
+        # Half the cost of calling Frame(...), which goes through Python code.
+        new_tuple = tuple.__new__
         max_length = self.max_frame_size
         known_types = self.known_types
         valid_flags = self._valid_flags
@@ -215,7 +217,7 @@ class Decoder:
                 else:
                     payload = data[start:end]
                 offset = end
-                yield Frame(type_, flags, payload)
+                yield new_tuple(Frame, (type_, flags, payload))
             else:
                 self._check_partial_header(data, offset)
         except ProtocolError as error:
@@ -305,12 +307,19 @@ def _has_float(value: Any) -> bool:
     while pending:
         value = pending.pop()
         kind = type(value)
-        if kind is float:
-            return True
         if kind is dict:
-            pending.extend(value.values())
-        elif kind is list:
-            pending.extend(value)
+            value = value.values()
+        elif kind is not list:
+            if kind is float:
+                return True
+            continue
+        # Only containers go on the stack: most values are scalars.
+        for item in value:
+            kind = type(item)
+            if kind is float:
+                return True
+            if kind is dict or kind is list:
+                pending.append(item)
     return False
 
 
