@@ -59,8 +59,9 @@ MIN_WINDOW = 8
 # rate, how often publishers catch up with their schedule).
 PUMP_INTERVAL = 0.002
 PROGRESS_INTERVAL = 1.0
-# Connections opened at once: more would overflow the server's listen backlog.
-CONNECT_CONCURRENCY = 100
+# Connections opened at once: fewer than Twisted's default listen backlog
+# (50), which a Unix socket enforces by refusing the connection.
+CONNECT_CONCURRENCY = 32
 DEFAULT_DRAIN = 5.0
 # At full speed the tracker parses every Nth delivery for latency.
 SAMPLE_EVERY = 16
@@ -81,6 +82,10 @@ CONTENT_KEY = b'"content":"'
 _BINARY = int(Flags.BINARY)  # IntFlag arithmetic is slow
 PERCENTILES = (50, 90, 99)
 MB = 1_000_000
+
+
+class BenchError(Exception):
+    """The run could not be carried out (the server refused or vanished)."""
 
 
 @dataclass
@@ -536,9 +541,15 @@ class Bench:
         def connect_one(connection: BenchConnection) -> defer.Deferred[None]:
             return defer.ensureDeferred(connect(connection))
 
-        await defer.gatherResults(
-            [semaphore.run(connect_one, c) for c in connections], consumeErrors=True
-        )
+        try:
+            await defer.gatherResults(
+                [semaphore.run(connect_one, c) for c in connections], consumeErrors=True
+            )
+        except defer.FirstError as error:
+            raise BenchError(
+                f"connection {error.index} of {len(connections)} failed:"
+                f" {error.subFailure.getErrorMessage()}"
+            ) from None
 
     # Publishing
 
@@ -785,7 +796,11 @@ def main(argv: list[str] | None = None) -> None:
     raise_open_file_limit()
 
     async def run(reactor: Any) -> None:
-        report = await Bench(config, reactor).run()
+        try:
+            report = await Bench(config, reactor).run()
+        except BenchError as error:
+            sys.stderr.write(f"relay-bench: {error}\n")
+            raise SystemExit(1) from None
         print(json.dumps(report) if as_json else format_report(report))
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
