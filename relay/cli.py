@@ -159,7 +159,9 @@ class ChatSession(LineReceiver):
             room = ack.get("room", argument)
             if self.current_room == argument:
                 self.current_room = room
-            self.say(f"* joined {printable(room)} ({ack.get('members', '?')} members)")
+            members = ack.get("members", "?")
+            noun = "member" if members == 1 else "members"
+            self.say(f"* joined {printable(room)} ({members} {noun})")
 
         def refused(failure: Failure) -> Failure:
             if self.current_room == argument:

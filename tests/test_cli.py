@@ -110,7 +110,7 @@ class TerminalClientTests(IntegrationTestCase):
         alice = await self.user("alice")
         bob = await self.user("bob")
         alice.type("join lobby")
-        await alice.wait_for(r"^\* joined lobby \(1 members\)$")
+        await alice.wait_for(r"^\* joined lobby \(1 member\)$")
         bob.type("join lobby")
         await bob.wait_for(r"^\* joined lobby \(2 members\)$")
         alice.type("send hello bob")
