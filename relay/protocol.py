@@ -124,6 +124,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._said_hello = False
         self._requests_seen = False
         self._close_call = None
+        self._keeps_message_boundaries = False
         self._handlers: dict[int, Callable[[Frame], None]] = {
             MessageType.HELLO: self._on_hello,
             MessageType.JOIN_ROOM: self._on_join,
@@ -169,6 +170,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if hasattr(self.transport, "bufferSize"):  # socket transports, not wrappers
             # Bigger reads batch more frames into each flush.
             self.transport.bufferSize = self.factory.config.read_size
+        # Decided once: the flush asks it for every write.
+        self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
         log.info(
@@ -523,7 +526,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _write(self, entries: list[bytes | Fanout]) -> None:
         """Write outbox entries: frames, and shared fanouts joined once for all."""
         stats = self.factory.stats
-        if IMessageTransport.providedBy(self.transport):
+        if self._keeps_message_boundaries:
             frames = _frames_of(entries)
             stats.frames_out += len(frames)
             stats.bytes_out += sum(map(len, frames))
