@@ -7,7 +7,7 @@ the batch of outboxes to flush, the run statistics, and graceful shutdown.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer

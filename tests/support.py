@@ -103,11 +103,16 @@ class LoopbackServerMixin:
 
         return d.addCallback(listening)
 
-    async def connect(self: Any, factory: Any = None) -> FrameClient:
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
-        client = await endpoints.connectProtocol(endpoint, FrameClient())
-        self.addCleanup(_disconnect, client)
-        return client
+    async def connect(self: Any) -> FrameClient:
+        return await connect_frame_client(self, self.port)
+
+
+async def connect_frame_client(test: unittest.TestCase, port: Any) -> FrameClient:
+    """A FrameClient connected over TCP to a listening ``port``, closed at cleanup."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    client = await endpoints.connectProtocol(endpoint, FrameClient())
+    test.addCleanup(_disconnect, client)
+    return client
 
 
 def _disconnect(client: FrameClient) -> defer.Deferred[None]:

@@ -18,7 +18,7 @@ from relay import tls
 from relay.server import RelayConfig, RelayFactory
 from relay.tap import Options, makeService
 from relay.wire import ErrorCode, MessageType
-from tests.support import FrameClient, _disconnect
+from tests.support import FrameClient, _disconnect, connect_frame_client
 
 CA = trustme.CA()
 SERVER_CERT = CA.issue_cert("localhost", "127.0.0.1")
@@ -107,10 +107,7 @@ class TLSTestCase(unittest.TestCase):
         return client
 
     async def connect_tcp(self) -> FrameClient:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        client = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, client)
-        return client
+        return await connect_frame_client(self, self.tcp_port)
 
     async def assert_refused(self, client: RecordingClient, alert: str) -> None:
         """The handshake failed with ``alert`` and no Relay frame got through."""

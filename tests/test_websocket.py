@@ -27,7 +27,7 @@ from relay.protocol import State
 from relay.server import RelayConfig, RelayFactory
 from relay.tap import Options, makeService
 from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
-from tests.support import FrameClient, _disconnect
+from tests.support import FrameClient, connect_frame_client
 
 TIMEOUT = 10.0
 
@@ -114,10 +114,7 @@ class WebSocketTestCase(unittest.TestCase):
         return client
 
     async def connect_tcp(self) -> FrameClient:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        client = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, client)
-        return client
+        return await connect_frame_client(self, self.tcp_port)
 
     def server_side(self, user_id: str) -> Any:
         """The server's connection for ``user_id``."""
