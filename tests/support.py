@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.trial import unittest
 
-from relay.server import RelayConfig, RelayFactory
+from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import Decoder, Flags, Frame, MessageType, encode, encode_json, loads
 
 

@@ -16,8 +16,8 @@ from twisted.trial import unittest
 
 from zope.interface import directlyProvides
 
-from relay.protocol import IMessageTransport, RelayProtocol, State
-from relay.server import RelayConfig, RelayFactory
+from relay.server.protocol import IMessageTransport, RelayProtocol, State
+from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import (
     Decoder,
     ErrorCode,

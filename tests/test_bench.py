@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from relay.bench import (
+from relay.tools.bench import (
     JSON_DELIVERY_MARKER,
     Bench,
     BenchConfig,

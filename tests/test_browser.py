@@ -17,8 +17,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from relay import websocket
-from relay.server import RelayConfig, RelayFactory
+from relay.server import websocket
+from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType
 from tests.support import FrameClient, _disconnect
 

@@ -13,9 +13,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 import relay
-from relay.cli import format_message, printable
+from relay.client.cli import format_message, printable
 from relay.client import Message
-from relay.server import RelayFactory
+from relay.server.factory import RelayFactory
 from tests.support import IntegrationTestCase
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__)))
@@ -87,7 +87,7 @@ class TerminalClientTests(IntegrationTestCase):
             filter(None, [PROJECT_ROOT, environment.get("PYTHONPATH")])
         )
         reactor.spawnProcess(
-            process, sys.executable, [sys.executable, "-m", "relay.cli", *arguments],
+            process, sys.executable, [sys.executable, "-m", "relay.client.cli", *arguments],
             env=environment, path=PROJECT_ROOT,
         )
         self.addCleanup(self._reap, process)
@@ -205,7 +205,7 @@ class UnreachableServerTests(unittest.TestCase):
         # Port 1 on loopback: nothing listens there.
         reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-m", "relay.cli", "tcp:host=127.0.0.1:port=1"],
+            [sys.executable, "-m", "relay.client.cli", "tcp:host=127.0.0.1:port=1"],
             env=environment, path=PROJECT_ROOT,
         )
         await process.wait_for(r"^\* reconnecting in .*(refused|Connection)")
@@ -216,7 +216,7 @@ class UnreachableServerTests(unittest.TestCase):
     async def test_unusable_endpoint_is_a_usage_error(self) -> None:
         process = ClientProcess("confused")
         reactor.spawnProcess(
-            process, sys.executable, [sys.executable, "-m", "relay.cli", "carrier-pigeon:coop=1"],
+            process, sys.executable, [sys.executable, "-m", "relay.client.cli", "carrier-pigeon:coop=1"],
             env=dict(os.environ, PYTHONPATH=PROJECT_ROOT), path=PROJECT_ROOT,
         )
         self.assertEqual(await process.ended, 2)

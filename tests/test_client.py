@@ -34,8 +34,8 @@ from relay.client import (
     build_endpoint,
     connect,
 )
-from relay.wsclient import WebSocketStreamTransport
-from relay.server import RelayFactory
+from relay.client.websocket import WebSocketStreamTransport
+from relay.server.factory import RelayFactory
 from relay.wire import (
     MAX_ENVELOPE,
     Decoder,
@@ -732,7 +732,7 @@ class TLSTests(CertificateMixin, unittest.TestCase):
 
 class WebSocketTests(unittest.TestCase):
     async def setUp(self) -> None:
-        from relay import websocket
+        from relay.server import websocket
 
         self.factory = RelayFactory(reactor=reactor)
         self.addCleanup(self.factory.wait_closed)
@@ -785,7 +785,7 @@ class WebSocketTests(unittest.TestCase):
 
 class SecureWebSocketTests(CertificateMixin, unittest.TestCase):
     async def test_wss_with_ca_file(self) -> None:
-        from relay import websocket
+        from relay.server import websocket
 
         factory = RelayFactory(reactor=reactor)
         self.addCleanup(factory.wait_closed)

@@ -16,7 +16,7 @@ import unicodedata
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from relay.server import RelayConfig, RelayFactory
+from relay.server.factory import RelayConfig, RelayFactory
 
 TIMEOUT = 5.0
 

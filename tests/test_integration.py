@@ -7,7 +7,7 @@ import struct
 
 from twisted.internet import defer, reactor, task
 
-from relay.protocol import State
+from relay.server.protocol import State
 from relay.wire import Flags, MessageType, encode, encode_json, loads
 from tests.support import FrameClient, IntegrationTestCase
 

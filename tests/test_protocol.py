@@ -10,8 +10,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from relay.protocol import CLOSE_GRACE_SECONDS, RelayProtocol, State
-from relay.server import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
+from relay.server.protocol import CLOSE_GRACE_SECONDS, RelayProtocol, State
+from relay.server.factory import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
 from relay.wire import (
     Decoder,
     ErrorCode,

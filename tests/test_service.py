@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.trial import unittest
 
-from relay.tap import Options, makeService
+from relay.server.tap import Options, makeService
 from relay.wire import ErrorCode, MessageType
 from tests.support import FrameClient
 

@@ -14,9 +14,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from relay import tls
-from relay.server import RelayConfig, RelayFactory
-from relay.tap import Options, makeService
+from relay.server import tls
+from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.tap import Options, makeService
 from relay.wire import ErrorCode, MessageType
 from tests.support import FrameClient, _disconnect, connect_frame_client
 

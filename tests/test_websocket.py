@@ -22,10 +22,10 @@ from twisted.web.client import Agent, readBody
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from relay import tls, websocket
-from relay.protocol import State
-from relay.server import RelayConfig, RelayFactory
-from relay.tap import Options, makeService
+from relay.server import tls, websocket
+from relay.server.protocol import State
+from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.tap import Options, makeService
 from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
 from tests.support import FrameClient, connect_frame_client
 

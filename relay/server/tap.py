@@ -12,8 +12,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from relay import tls
-from relay.server import RelayConfig, RelayFactory
+from relay.server import tls
+from relay.server.factory import RelayConfig, RelayFactory
 
 log = Logger()
 
@@ -168,7 +168,7 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         relay.listen(*tls.listener(description, factory, client_ca))
     if options["websockets"]:
         # Imported here so that `twistd relay` without WebSocket does not pay for autobahn.
-        from relay.websocket import make_site
+        from relay.server.websocket import make_site
 
         site = make_site(factory, options["allowed-origins"])
         for description in options["websockets"]:

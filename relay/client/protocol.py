@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import __version__
-from relay.tls import split_description
+from relay.server.tls import split_description
 from relay.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_ENVELOPE,
@@ -637,7 +637,7 @@ _PEM_CERTIFICATE = re.compile(
 
 def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,
                         client_cert: str | None) -> IStreamClientEndpoint:
-    from relay.wsclient import WebSocketClientEndpoint
+    from relay.client.websocket import WebSocketClientEndpoint
 
     parts = urlsplit(url)
     secure = parts.scheme == "wss"

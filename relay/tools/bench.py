@@ -34,8 +34,8 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from relay.server import RelayConfig
-from relay.tap import raise_open_file_limit
+from relay.server.factory import RelayConfig
+from relay.server.tap import raise_open_file_limit
 from relay.wire import (
     HEADER,
     HEADER_SIZE,

@@ -14,8 +14,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relay.protocol import RelayProtocol
-from relay.rooms import RoomRegistry
+from relay.server.protocol import RelayProtocol
+from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
 
 log = Logger()

@@ -1,7 +1,7 @@
 """Relay over WebSocket, plus the browser demo page, on one HTTP listener.
 
 ``/relay`` upgrades to WebSocket (autobahn) and runs an unchanged
-``RelayProtocol`` on top; ``/`` serves ``relay/static/index.html``.
+``RelayProtocol`` on top; ``/`` serves ``relay/server/static/index.html``.
 
 Binary WebSocket messages carry Relay frame bytes as a byte stream: the bytes
 of every message go to ``RelayProtocol.dataReceived``, so a frame may be split
@@ -30,8 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from relay.protocol import IMessageTransport, RelayProtocol
-from relay.server import RelayFactory
+from relay.server.protocol import IMessageTransport, RelayProtocol
+from relay.server.factory import RelayFactory
 from relay.wire import LENGTH_SIZE
 
 log = Logger()
@@ -199,7 +199,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
 
 def demo_page() -> bytes:
     """The browser demo page, read from the installed package."""
-    return resources.files("relay").joinpath("static", "index.html").read_bytes()
+    return resources.files("relay.server").joinpath("static", "index.html").read_bytes()
 
 
 class DemoPage(Resource):

@@ -28,8 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from relay import __version__
-from relay.rooms import Fanout, has_control_character, normalize_room_name
-from relay.tls import certificate_user_id
+from relay.server.rooms import Fanout, has_control_character, normalize_room_name
+from relay.server.tls import certificate_user_id
 from relay.wire import (
     MAX_ENVELOPE,
     Decoder,
@@ -47,7 +47,7 @@ from relay.wire import (
 )
 
 if TYPE_CHECKING:
-    from relay.server import RelayFactory
+    from relay.server.factory import RelayFactory
 
 log = Logger()
 
