@@ -1,17 +1,16 @@
 """Relay client side: the client library, its WebSocket transport and the terminal client."""
 
+from relay.client.endpoints import build_endpoint, connect
 from relay.client.protocol import (
     HELLO_TIMEOUT_SECONDS,
     MISSED_HEARTBEATS,
     BinaryRoomWriter,
     Message,
     MessageStream,
-    ReconnectingClient,
     RelayClientProtocol,
     RelayError,
-    build_endpoint,
-    connect,
 )
+from relay.client.reconnect import ReconnectingClient
 
 __all__ = [
     "HELLO_TIMEOUT_SECONDS",

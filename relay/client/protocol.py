@@ -1,33 +1,22 @@
-"""Relay client library: Deferred-based requests over TCP, TLS or WebSocket.
+"""Relay client connection: one connection speaking Relay v1, Deferred-based.
 
-``connect()`` gives one connection; ``ReconnectingClient`` keeps one up, with
-backoff, and re-joins its rooms after each reconnection.  Both speak Relay v1
-through the project's codec (``relay.wire``)::
-
-    client = await connect(reactor, "tcp:host=127.0.0.1:port=4000", user="alice")
-    await client.join("lobby")
-    await client.send("lobby", "hi")
-    async for message in client.messages():
-        print(message.sender, message.content)
-
-Replies are matched to requests by the JSON ``"id"`` every request carries.
-MESSAGE has no ack in Relay v1: ``send()`` fires once the frame is written, and
-an ERROR the server sends back for it later goes to ``on_error``.
+``RelayClientProtocol`` sends HELLO, matches replies to requests by the JSON
+``"id"`` every request carries, heartbeats at the interval the server
+advertises, and hands deliveries to ``on_message`` and ``messages()``.
+MESSAGE has no ack in Relay v1: ``send()`` fires once the frame is written,
+and an ERROR the server sends back for it later goes to ``on_error``.
+It speaks the wire format through the project's codec (``relay.wire``).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
-from urllib.parse import urlsplit
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, error, ssl, task
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet import defer, error, task
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -35,7 +24,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import __version__
-from relay.server.tls import split_description
 from relay.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_ENVELOPE,
@@ -59,16 +47,6 @@ log = Logger()
 HELLO_TIMEOUT_SECONDS = 30.0
 # The server is presumed dead after this many heartbeat intervals of silence.
 MISSED_HEARTBEATS = 2
-# Codes after which reconnecting cannot help: the same request would fail again.
-TERMINAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
-# Reconnection backoff: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, each plus jitter.
-RETRY_INITIAL_DELAY_SECONDS = 0.5
-RETRY_MAX_DELAY_SECONDS = 30.0
-# How long one TCP connection attempt may take (Twisted's default too).
-CONNECT_TIMEOUT_SECONDS = 30.0
-WEBSOCKET_SUBPROTOCOL = "relay.v1"
-WEBSOCKET_PATH = "/relay"
-WEBSOCKET_DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
 class RelayError(Exception):
@@ -137,7 +115,7 @@ class MessageStream:
     connection (or the reconnecting client) is closed and the backlog is read.
     """
 
-    def __init__(self, hub: _MessageHub) -> None:
+    def __init__(self, hub: MessageHub) -> None:
         self._hub = hub
         self._backlog: collections.deque[Message] = collections.deque()
         self._waiter: defer.Deferred[Message] | None = None
@@ -173,7 +151,7 @@ class MessageStream:
             waiter.errback(StopAsyncIteration())
 
 
-class _MessageHub:
+class MessageHub:
     """Fans incoming messages out to every open ``MessageStream``."""
 
     def __init__(self) -> None:
@@ -199,7 +177,7 @@ class _MessageHub:
             stream._end()
 
 
-def _default_error_handler(relay_error: RelayError) -> None:
+def default_error_handler(relay_error: RelayError) -> None:
     log.warn("Relay server refused a request: {error}", error=relay_error)
 
 
@@ -230,7 +208,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         )
         self._ping_ids = itertools.count(1)
         self._heartbeat: task.LoopingCall | None = None
-        self._hub = _MessageHub()
+        self._hub = MessageHub()
         self._close_reason: Failure | None = None
         self._closed_waiters: list[defer.Deferred[None]] = []
         self.is_open = False
@@ -239,7 +217,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self.server_info: dict[str, Any] = {}
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE
         self.on_message: Callable[[Message], Any] | None = None
-        self.on_error: Callable[[RelayError], Any] = _default_error_handler
+        self.on_error: Callable[[RelayError], Any] = default_error_handler
 
     # Public API
 
@@ -588,74 +566,7 @@ class BinaryRoomWriter:
         )
 
 
-# Endpoints
-
-
-def build_endpoint(reactor: Any, description: str, ca_file: str | None = None,
-                   client_cert: str | None = None) -> IStreamClientEndpoint:
-    """Turn a client endpoint description or a ``ws://``/``wss://`` URL into an endpoint.
-
-    ``ca_file`` (PEM certificates to trust instead of the system's) and
-    ``client_cert`` (PEM holding a certificate and its private key) apply to
-    ``tls:`` descriptions and ``wss://`` URLs.
-    """
-    if description.startswith(("ws://", "wss://")):
-        return _websocket_endpoint(reactor, description, ca_file, client_cert)
-    if ca_file is None and client_cert is None:
-        return clientFromString(reactor, description)
-    scheme, args, kwargs = split_description(description)
-    if scheme != "tls":
-        raise ValueError("ca_file and client_cert need a tls: endpoint or a wss:// URL")
-    host = kwargs.get("host") or (args[0] if args else None)
-    port = kwargs.get("port") or (args[1] if len(args) > 1 else None)
-    if not host or not port:
-        raise ValueError(f"{description!r} needs a host and a port")
-    timeout = float(kwargs.get("timeout", CONNECT_TIMEOUT_SECONDS))
-    inner = HostnameEndpoint(reactor, host, int(port), timeout=timeout)
-    return wrapClientTLS(_tls_options(host, ca_file, client_cert), inner)
-
-
-def _tls_options(host: str, ca_file: str | None, client_cert: str | None) -> Any:
-    trust_root = None
-    if ca_file is not None:
-        with open(ca_file, "rb") as pem:
-            blocks = _PEM_CERTIFICATE.findall(pem.read())
-        if not blocks:
-            raise ValueError(f"{ca_file} holds no PEM certificate")
-        trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-    certificate = None
-    if client_cert is not None:
-        with open(client_cert, "rb") as pem:
-            certificate = ssl.PrivateCertificate.loadPEM(pem.read())
-    return ssl.optionsForClientTLS(host, trustRoot=trust_root, clientCertificate=certificate)
-
-
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
-
-
-def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,
-                        client_cert: str | None) -> IStreamClientEndpoint:
-    from relay.client.websocket import WebSocketClientEndpoint
-
-    parts = urlsplit(url)
-    secure = parts.scheme == "wss"
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"{url!r} names no host")
-    port = parts.port or WEBSOCKET_DEFAULT_PORTS[parts.scheme]
-    inner: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, host, port, timeout=CONNECT_TIMEOUT_SECONDS
-    )
-    if secure:
-        inner = wrapClientTLS(_tls_options(host, ca_file, client_cert), inner)
-    if not parts.path:
-        url = url + WEBSOCKET_PATH
-    return WebSocketClientEndpoint(reactor, inner, url, WEBSOCKET_SUBPROTOCOL)
-
-
-class _ClientFactory(Factory):
+class RelayClientFactory(Factory):
     """Builds one configured ``RelayClientProtocol`` per connection."""
 
     def __init__(self, reactor: Any, **options: Any) -> None:
@@ -664,233 +575,3 @@ class _ClientFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> RelayClientProtocol:
         return RelayClientProtocol(self.reactor, **self.options)
-
-
-def _handshake(endpoint: IStreamClientEndpoint, factory: Factory) -> defer.Deferred[Any]:
-    """Connect, then wait for the HELLO ack; fires with the ready protocol."""
-    connecting = endpoint.connect(factory)
-    return connecting.addCallback(lambda client: client.ready)
-
-
-def connect(reactor: Any, description: str, *, user: str | None = None,
-            token: str | None = None, echo: bool = False, ca_file: str | None = None,
-            client_cert: str | None = None) -> defer.Deferred[RelayClientProtocol]:
-    """Connect once; fires with a ``RelayClientProtocol`` after the HELLO ack.
-
-    ``description`` is a Twisted client endpoint string (``tcp:``, ``tls:``,
-    ``unix:``) or a ``ws://``/``wss://`` URL.  ``tls:`` verifies the server
-    against the system's trust store unless ``ca_file`` is given.
-    A refused HELLO fails with ``RelayError``.
-    """
-    endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-    return _handshake(endpoint, _ClientFactory(reactor, user=user, token=token, echo=echo))
-
-
-# Reconnection
-
-
-class _Session(Protocol):
-    """What ClientService holds for one established, ready connection."""
-
-    client: RelayClientProtocol | None = None
-
-    def attach(self, client: RelayClientProtocol) -> None:
-        self.client = client
-
-
-class _ReadyEndpoint:
-    """Endpoint for ClientService: a connection counts once HELLO is acked.
-
-    ClientService cannot cope with a connection dropping while its
-    ``prepareConnection`` runs, so the handshake and the re-joins happen here,
-    before ClientService sees the connection at all.
-    """
-
-    def __init__(self, owner: ReconnectingClient) -> None:
-        self._owner = owner
-
-    def connect(self, service_factory: Any) -> defer.Deferred[Any]:
-        owner = self._owner
-        attempt: list[RelayClientProtocol] = []
-
-        def made(client: RelayClientProtocol) -> defer.Deferred[RelayClientProtocol]:
-            attempt.append(client)
-            return client.ready
-
-        def failed(failure: Failure) -> Failure:
-            # A cancelled or failed attempt must not leave its socket open.
-            if attempt and attempt[0].is_open:
-                attempt[0].transport.abortConnection()
-            return owner._attempt_failed(failure)
-
-        ready = owner.endpoint.connect(owner.factory).addCallback(made)
-        ready.addCallback(owner._rejoin)
-        ready.addCallback(self._present, service_factory)
-        ready.addErrback(failed)
-        return ready
-
-    def _present(self, client: RelayClientProtocol, service_factory: Any) -> Any:
-        session = service_factory.buildProtocol(client.transport.getPeer())
-        session.attach(client)
-        session.makeConnection(client.transport)
-        # The owner hears of a loss before ClientService schedules the retry.
-        self._owner._connected(client)
-        client.when_closed().addCallback(lambda _: session.connectionLost(client.close_reason))
-        return session
-
-
-class ReconnectingClient:
-    """Keeps a Relay connection up, reconnecting with exponential backoff and jitter.
-
-    Rooms joined through it are joined again after every reconnection.
-    Requests made while disconnected wait for the next connection; a request
-    in flight when the connection drops fails with ``ConnectionLost``.
-
-    Hooks (plain attributes, all optional):
-
-    - ``on_connected(client)``: a connection is ready and its rooms re-joined;
-    - ``on_disconnected(reason)``: an established connection ended;
-    - ``on_reconnecting(attempt, delay, reason)``: next attempt in ``delay`` s;
-    - ``on_gave_up(reason)``: a terminal error (e.g. UNAUTHORIZED); stopped;
-    - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol.
-    """
-
-    def __init__(self, reactor: Any, description: str, *, user: str | None = None,
-                 token: str | None = None, echo: bool = False, ca_file: str | None = None,
-                 client_cert: str | None = None,
-                 retry_policy: Callable[[int], float] | None = None) -> None:
-        self.reactor = reactor
-        self.description = description
-        self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-        self.factory = _ClientFactory(reactor, user=user, token=token, echo=echo)
-        self.rooms: dict[str, None] = {}  # ordered set of acked room names
-        self.client: RelayClientProtocol | None = None
-        self.on_connected: Callable[[RelayClientProtocol], Any] | None = None
-        self.on_disconnected: Callable[[Failure], Any] | None = None
-        self.on_reconnecting: Callable[[int, float, Failure | None], Any] | None = None
-        self.on_gave_up: Callable[[Failure], Any] | None = None
-        self.on_message: Callable[[Message], Any] | None = None
-        self.on_error: Callable[[RelayError], Any] = _default_error_handler
-        self._policy = retry_policy or backoffPolicy(
-            initialDelay=RETRY_INITIAL_DELAY_SECONDS, maxDelay=RETRY_MAX_DELAY_SECONDS
-        )
-        self._last_failure: Failure | None = None
-        self._hub = _MessageHub()
-        self._service = ClientService(
-            _ReadyEndpoint(self), Factory.forProtocol(_Session),
-            retryPolicy=self._retry_delay, clock=reactor,
-        )
-
-    def start(self) -> None:
-        """Start connecting (and keep reconnecting until ``stop``)."""
-        self._service.startService()
-
-    def stop(self) -> defer.Deferred[None]:
-        """Stop reconnecting and close the connection; fires once closed."""
-        self._hub.close()
-        if not self._service.running:
-            return defer.succeed(None)
-        return self._service.stopService()
-
-    @property
-    def connected(self) -> bool:
-        return self.client is not None and self.client.is_open
-
-    def when_connected(self) -> defer.Deferred[RelayClientProtocol]:
-        """The current ready connection, or the next one."""
-        return self._service.whenConnected().addCallback(lambda session: session.client)
-
-    def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
-        """Join ``room`` (now and after each reconnection); fires with the ack."""
-        def joined(ack: dict[str, Any]) -> dict[str, Any]:
-            self.rooms[ack.get("room", room)] = None
-            return ack
-
-        return self._call(lambda client: client.join(room)).addCallback(joined)
-
-    def leave(self, room: str) -> defer.Deferred[dict[str, Any]]:
-        """Leave ``room`` and stop re-joining it; fires with the ack."""
-        self.rooms.pop(room.strip(), None)
-        return self._call(lambda client: client.leave(room))
-
-    def send(self, room: str, content: Any) -> defer.Deferred[None]:
-        """Publish JSON ``content``; fires once written (see ``RelayClientProtocol.send``)."""
-        return self._call(lambda client: client.send(room, content))
-
-    def send_binary(self, room: str, data: bytes) -> defer.Deferred[None]:
-        """Publish ``data`` as a binary message; fires once written."""
-        return self._call(lambda client: client.send_binary(room, data))
-
-    def heartbeat(self) -> defer.Deferred[float]:
-        """Ping the server; fires with the round trip in seconds."""
-        return self._call(lambda client: client.heartbeat())
-
-    def messages(self) -> AsyncIterator[Message]:
-        """Messages from every connection, from now until ``stop``."""
-        return self._hub.subscribe()
-
-    def _call(self, request: Callable[[RelayClientProtocol], defer.Deferred[Any]]) -> defer.Deferred[Any]:
-        return self.when_connected().addCallback(request)
-
-    # Connection life cycle, driven by _ReadyEndpoint and ClientService
-
-    def _rejoin(self, client: RelayClientProtocol) -> defer.Deferred[RelayClientProtocol]:
-        client.on_message = self._deliver
-        client.on_error = lambda relay_error: self.on_error(relay_error)
-        joins = [client.join(room).addErrback(self._rejoin_failed, room) for room in list(self.rooms)]
-        return defer.gatherResults(joins, consumeErrors=True).addCallback(lambda _: client)
-
-    def _rejoin_failed(self, failure: Failure, room: str) -> None:
-        if failure.check(RelayError) and not failure.value.fatal:
-            # The server no longer accepts this room: stop asking for it.
-            self.rooms.pop(room, None)
-            self.on_error(failure.value)
-            return None
-        return failure
-
-    def _connected(self, client: RelayClientProtocol) -> None:
-        self.client = client
-        self._last_failure = None
-        client.when_closed().addCallback(lambda _: self._disconnected(client))
-        if self.on_connected is not None:
-            self.on_connected(client)
-
-    def _disconnected(self, client: RelayClientProtocol) -> None:
-        if self.client is client:
-            self.client = None
-        reason = client.close_reason
-        self._last_failure = reason
-        if self.on_disconnected is not None:
-            self.on_disconnected(reason)
-        self._check_terminal(reason)
-
-    def _attempt_failed(self, failure: Failure) -> Failure:
-        self._last_failure = failure
-        self._check_terminal(failure)
-        return failure
-
-    def _check_terminal(self, reason: Failure | None) -> None:
-        if reason is not None and reason.check(RelayError) and reason.value.code in TERMINAL_CODES:
-            # Let ClientService settle first, then stop its retry.
-            self.reactor.callLater(0, self._give_up, reason)
-
-    def _give_up(self, reason: Failure) -> None:
-        if not self._service.running:
-            return
-        self.stop()
-        if self.on_gave_up is not None:
-            self.on_gave_up(reason)
-
-    def _retry_delay(self, attempt: int) -> float:
-        delay = self._policy(attempt)
-        terminal = self._last_failure is not None and self._last_failure.check(RelayError) \
-            and self._last_failure.value.code in TERMINAL_CODES
-        if self.on_reconnecting is not None and not terminal:
-            # Not from inside ClientService's transition: the hook may stop us.
-            self.reactor.callLater(0, self.on_reconnecting, attempt, delay, self._last_failure)
-        return delay
-
-    def _deliver(self, message: Message) -> None:
-        if self.on_message is not None:
-            self.on_message(message)
-        self._hub.publish(message)

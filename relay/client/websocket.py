@@ -13,7 +13,12 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint, ITransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from relay.rlimits import raise_open_file_limit
 from relay.server import tls
 from relay.server.factory import RelayConfig, RelayFactory
 
@@ -139,22 +140,6 @@ class RelayService(service.MultiService):
         yield super().stopService()
         yield self.factory.shutdown()
         log.info("Relay stopped. Summary: {summary}", summary=self.factory.summary())
-
-
-def raise_open_file_limit() -> None:
-    """Raise the soft limit on open files to the hard limit, and log it."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as error:
-            log.warn("Could not raise the open file limit: {error}", error=error)
-    log.info("Open file limit: {limit}", limit=soft)
 
 
 def makeService(options: Options, reactor: Any = None) -> RelayService:

@@ -30,8 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.factory import RelayFactory
+from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.wire import LENGTH_SIZE
 
 log = Logger()

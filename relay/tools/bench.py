@@ -34,8 +34,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from relay.server.factory import RelayConfig
-from relay.server.tap import raise_open_file_limit
+from relay.rlimits import raise_open_file_limit
 from relay.wire import (
     HEADER,
     HEADER_SIZE,
@@ -65,8 +64,9 @@ CONNECT_CONCURRENCY = 32
 DEFAULT_DRAIN = 5.0
 # At full speed the tracker parses every Nth delivery for latency.
 SAMPLE_EVERY = 16
-# Bytes read at once: as large as stays off mmap, like the server's reads.
-READ_SIZE = RelayConfig.read_size
+# Bytes read at once: just under glibc's 128 KiB mmap threshold, as the
+# server's default --read-size.
+READ_SIZE = 124 * 1024
 # The bytes of a delivery's payload the tracker reads for its stamp: enough
 # for the room, the sender and the stamp, however they are laid out.
 SAMPLE_HEAD = 1024
