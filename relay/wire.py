@@ -17,7 +17,7 @@ import enum
 import json
 import re
 import struct
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, NoReturn
 
 import orjson
 
@@ -141,6 +141,11 @@ class Decoder:
     run as soon as the 7 header bytes are in, so an oversize or malformed frame
     is refused before its payload is buffered.  After it has raised, it stays
     broken: every later ``feed`` raises the same error.
+
+    The read position is committed frame by frame, before each frame is
+    yielded: a caller may stop iterating at any point, feed more bytes later,
+    and still get every frame once, in order (from the new iterator or the
+    old one alike).
     """
 
     def __init__(
@@ -152,7 +157,12 @@ class Decoder:
         self.max_frame_size = max_frame_size
         self.known_types = known_types
         self.allow_compressed = allow_compressed
-        self._buffer = bytearray()
+        # Received bytes and the position of the first one not yet decoded.
+        # A read that leaves nothing behind is parsed in place (frames are
+        # cut straight out of it, one copy each); only a partial frame is
+        # carried over, in a bytearray that later reads extend.
+        self._data: bytes | bytearray = b""
+        self._offset = 0
         self._error: ProtocolError | None = None
 
     @property
@@ -171,102 +181,113 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """How many received bytes wait for the rest of their frame."""
-        return len(self._buffer)
+        return len(self._data) - self._offset
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        """Add ``data`` and yield every frame it completes, in order.
+        """Add ``data`` and yield every frame now complete, in order.
 
         Raises ``ProtocolError`` when the stream reaches a violation; frames
-        before it are yielded first.  Stop iterating early and the unread
-        frames stay buffered for the next call.
+        before it are yielded first.  Frames not taken stay buffered for the
+        next iteration.
         """
         if self._error is not None:
             raise self._error
-        buffer = self._buffer
-        # Frames are cut straight out of ``data`` (one copy each) unless a
-        # partial frame from the last call has to be completed first.
-        if buffer:
-            buffer += data
-            data = buffer
-        elif type(data) is not bytes:  # payloads must come out as bytes
-            data = bytes(data)
-        end_of_data = len(data)
-        offset = 0
+        left = len(self._data) - self._offset
+        if not left:
+            self._data = data if type(data) is bytes else bytes(data)
+        elif type(self._data) is bytearray:
+            del self._data[: self._offset]
+            self._data += data
+        else:
+            self._data = bytearray(memoryview(self._data)[self._offset :]) + data
+        self._offset = 0
+        return self._frames()
+
+    def _frames(self) -> Iterator[Frame]:
         unpack = HEADER.unpack_from
-        # Half the cost of calling Frame(...), which goes through Python code.
+        # Half the cost of calling Frame(...), which goes through Python code
+        # (~200 ns a frame, about 4 % of a message's cost in s3).
         new_tuple = tuple.__new__
         max_length = self.max_frame_size
         known_types = self.known_types
         valid_flags = self._valid_flags
-        try:
-            while end_of_data - offset >= HEADER_SIZE:
-                length, version, type_, flags = unpack(data, offset)
-                if not (
-                    MIN_LENGTH <= length <= max_length
-                    and version == VERSION
-                    and type_ in known_types
-                    and flags in valid_flags
-                ):
-                    self._check_header(length, version, type_, flags)
-                end = offset + LENGTH_SIZE + length
-                if end > end_of_data:
-                    break
-                start = offset + HEADER_SIZE
-                if data is buffer:
-                    payload = bytes(memoryview(buffer)[start:end])
-                else:
-                    payload = data[start:end]
-                offset = end
-                yield new_tuple(Frame, (type_, flags, payload))
+        while True:
+            # Read back on every step: another iterator may have moved on.
+            data = self._data
+            offset = self._offset
+            if len(data) - offset < HEADER_SIZE:
+                error = self._partial_header_error(data, offset)
+                if error is not None:
+                    self._fail(error)
+                return
+            length, version, type_, flags = unpack(data, offset)
+            if not (
+                MIN_LENGTH <= length <= max_length
+                and version == VERSION
+                and type_ in known_types
+                and flags in valid_flags
+            ):
+                self._fail(self._header_error(length, version, type_, flags))
+            end = offset + LENGTH_SIZE + length
+            if end > len(data):
+                return
+            start = offset + HEADER_SIZE
+            if type(data) is bytes:
+                payload = data[start:end]
             else:
-                self._check_partial_header(data, offset)
-        except ProtocolError as error:
-            self._error = error
-            offset = end_of_data
-            raise
-        finally:
-            if data is buffer:
-                del buffer[:offset]
-            elif offset < end_of_data:
-                buffer += memoryview(data)[offset:]
+                payload = bytes(memoryview(data)[start:end])
+            self._offset = end
+            yield new_tuple(Frame, (type_, flags, payload))
 
-    def _check_partial_header(self, buffer: bytes | bytearray, offset: int) -> None:
-        available = len(buffer) - offset
+    def _fail(self, error: ProtocolError) -> NoReturn:
+        self._error = error
+        self._data = b""
+        self._offset = 0
+        raise error
+
+    def _partial_header_error(self, data: bytes | bytearray, offset: int) -> ProtocolError | None:
+        """The violation already visible in a header's first bytes, if any."""
+        available = len(data) - offset
         if available >= LENGTH_SIZE:
-            (length,) = struct.unpack_from("!I", buffer, offset)
-            self._check_length(length)
+            (length,) = struct.unpack_from("!I", data, offset)
+            error = self._length_error(length)
+            if error is not None:
+                return error
         if available > LENGTH_SIZE:
-            self._check_version(buffer[offset + LENGTH_SIZE])
+            return _version_error(data[offset + LENGTH_SIZE])
+        return None
 
-    def _check_length(self, length: int) -> None:
+    def _header_error(self, length: int, version: int, type_: int, flags: int) -> ProtocolError:
+        """The violation in a complete header that failed the fast check."""
+        error = self._length_error(length) or _version_error(version)
+        if error is not None:
+            return error
+        if type_ not in self.known_types:
+            return ProtocolError(
+                ErrorCode.UNKNOWN_MESSAGE_TYPE, f"message type 0x{type_:02x} is not known"
+            )
+        return ProtocolError(ErrorCode.INVALID_FRAME, _flags_problem(flags, self.allow_compressed))
+
+    def _length_error(self, length: int) -> ProtocolError | None:
         if length < MIN_LENGTH:
-            raise ProtocolError(
+            return ProtocolError(
                 ErrorCode.INVALID_FRAME, f"length {length} is less than {MIN_LENGTH}"
             )
         if length > self.max_frame_size:
-            raise ProtocolError(
+            return ProtocolError(
                 ErrorCode.FRAME_TOO_LARGE,
                 f"length {length} exceeds the maximum frame size {self.max_frame_size}",
             )
+        return None
 
-    @staticmethod
-    def _check_version(version: int) -> None:
-        if version != VERSION:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"version {version} is not supported; this server speaks {VERSION}",
-            )
 
-    def _check_header(self, length: int, version: int, type_: int, flags: int) -> None:
-        self._check_length(length)
-        self._check_version(version)
-        if type_ not in self.known_types:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_MESSAGE_TYPE, f"message type 0x{type_:02x} is not known"
-            )
-        problem = _flags_problem(flags, self.allow_compressed)
-        if problem is not None:
-            raise ProtocolError(ErrorCode.INVALID_FRAME, problem)
+def _version_error(version: int) -> ProtocolError | None:
+    if version != VERSION:
+        return ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"version {version} is not supported; this server speaks {VERSION}",
+        )
+    return None
 
 
 def _flags_problem(flags: int, allow_compressed: bool) -> str | None:

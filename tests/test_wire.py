@@ -171,6 +171,52 @@ class DecoderTests(unittest.TestCase):
         decoder = Decoder(known_types=frozenset(MessageType) | {0x07})
         self.assertEqual(list(decoder.feed(header(3, type_=7))), [Frame(7, 0, b"")])
 
+    def test_stopping_early_then_feeding_again_keeps_the_order(self) -> None:
+        one, two, three = (encode(MessageType.MESSAGE, Flags.BINARY, bytes([n])) for n in (1, 2, 3))
+        decoder = Decoder()
+        first = decoder.feed(one + two)
+        self.assertEqual(next(first).payload, b"\x01")
+        # The first iterator stays alive, unfinished, while more bytes arrive.
+        self.assertEqual([f.payload for f in decoder.feed(three)], [b"\x02", b"\x03"])
+        self.assertEqual(list(first), [])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_an_old_iterator_resumed_after_a_feed_continues_in_order(self) -> None:
+        frames_sent = [encode(MessageType.MESSAGE, Flags.BINARY, bytes([n])) for n in range(4)]
+        decoder = Decoder()
+        first = decoder.feed(b"".join(frames_sent[:2]) + frames_sent[2][:3])
+        self.assertEqual(next(first).payload, b"\x00")
+        second = decoder.feed(frames_sent[2][3:] + frames_sent[3])
+        self.assertEqual([f.payload for f in first], [b"\x01", b"\x02", b"\x03"])
+        self.assertEqual(list(second), [])
+
+    def test_feeding_without_iterating_still_buffers_the_bytes(self) -> None:
+        decoder = Decoder()
+        decoder.feed(encode(MessageType.HEARTBEAT))
+        self.assertEqual(decoder.buffered, 7)
+        self.assertEqual(len(list(decoder.feed(encode(MessageType.HEARTBEAT)))), 2)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(frames, max_size=8),
+        st.lists(st.integers(min_value=0), max_size=12),
+        st.lists(st.integers(min_value=0, max_value=3), max_size=12),
+    )
+    def test_any_frames_any_splits_any_early_stops_decode_the_same(
+        self, sent: list[Frame], cuts: list[int], takes: list[int]
+    ) -> None:
+        """Take at most a few frames from each feed; the rest come out later."""
+        decoder = Decoder()
+        received: list[Frame] = []
+        chunks = split_at(b"".join(encode(*frame) for frame in sent), cuts)
+        for index, chunk in enumerate(chunks):
+            frames_out = decoder.feed(chunk)
+            take = takes[index % len(takes)] if takes else 3
+            received.extend(frame for _, frame in zip(range(take), frames_out))
+        received.extend(decoder.feed(b""))
+        self.assertEqual(received, sent)
+        self.assertEqual(decoder.buffered, 0)
+
     @settings(max_examples=200, deadline=None)
     @given(st.lists(frames, max_size=8), st.lists(st.integers(min_value=0), max_size=12))
     def test_any_frames_split_anywhere_decode_the_same(
