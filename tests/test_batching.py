@@ -261,12 +261,11 @@ class SharedFanoutTests(BatchingTestCase):
             [0, 1, 2],
         )
 
-    def test_room_keeps_no_fanout_alive_after_the_flush(self) -> None:
+    def test_no_fanout_outlives_the_flush(self) -> None:
         publisher, subscriber = self.members(2)
         publisher.send(publish(5))
         self.assertEqual(subscriber.contents(), list(range(5)))
-        room = self.factory.registry.get(ROOM)
-        self.assertIsNone(room._fanout())
+        self.assertEqual(self.factory.batch.fanouts, {})
 
 
 class ExclusionTests(BatchingTestCase):

@@ -1,7 +1,8 @@
 """RelayFactory: the server side that outlives connections.
 
 It owns the configuration, the room registry, the set of live connections,
-the batch of outboxes to flush, the run statistics, and graceful shutdown.
+the batch of outboxes to flush (``relay.server.fanout.Batch``), the run
+statistics, and graceful shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from relay.server.fanout import Batch
 from relay.server.protocol import RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
@@ -70,10 +72,8 @@ class RelayFactory(ServerFactory):
         self.registry = RoomRegistry()
         self.connections: set[RelayProtocol] = set()
         self.stats = Stats(started=reactor.seconds())
-        self._dirty: list[RelayProtocol] = []
-        # Numbers the flushes: broadcasts made under one number go out in
-        # the same flush, so a room may share one Fanout among them.
-        self.batch = 0
+        # What the current read produced, written out by flush().
+        self.batch = Batch()
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
@@ -100,18 +100,9 @@ class RelayFactory(ServerFactory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    # Outbound batching
-
-    def mark_dirty(self, connection: RelayProtocol) -> None:
-        """Remember that ``connection`` has frames to write at the next flush."""
-        self._dirty.append(connection)
-
     def flush(self) -> None:
         """Write every outbox filled since the last flush."""
-        self.batch += 1
-        dirty, self._dirty = self._dirty, []
-        for connection in dirty:
-            connection.flush()
+        self.batch.flush()
 
     # Shutdown
 

@@ -9,7 +9,9 @@ and its outbound path.  Frames for the client (replies and deliveries) are
 appended to an outbox; the factory flushes every dirty outbox once at the end
 of each inbound read, so each member gets one transport write per read,
 however many frames it carried.  Consecutive broadcasts to a room share one
-outbox entry, a ``Fanout``, joined once for all members at the flush.
+outbox entry, a ``Fanout``, joined once for all members at the flush
+(``relay.server.fanout``).  Requests are parsed and checked by the sans-IO
+``relay.requests``; what is left here depends on the connection's state.
 The protocol is the transport's push producer: while the transport is paused
 (DRAINING) the outbox keeps growing, and past ``max_pending`` bytes the
 client is cut off as a slow consumer.
@@ -28,7 +30,16 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from relay import __version__
-from relay.server.rooms import Fanout, has_control_character, normalize_room_name
+from relay.requests import (
+    RequestError,
+    normalize_room_name,
+    parse_binary_publish,
+    parse_hello,
+    parse_publish,
+    parse_room_request,
+)
+from relay.server.fanout import Fanout
+from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
 from relay.wire import (
     MAX_ENVELOPE,
@@ -42,8 +53,6 @@ from relay.wire import (
     encode_binary_delivery_frame,
     encode_error,
     encode_json,
-    loads,
-    split_binary_message,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +60,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_USER_ID = 128
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -69,7 +77,6 @@ class State(enum.Enum):
 # its enum class, or combining IntFlags, costs far more than the work itself.
 _OPEN = State.OPEN
 _DRAINING = State.DRAINING
-_JSON = int(Flags.JSON)
 _BINARY = int(Flags.BINARY)
 
 _ALLOWED_TRANSITIONS = {
@@ -89,16 +96,6 @@ class IMessageTransport(Interface):
     """
 
 
-class RequestError(Exception):
-    """A non-fatal refusal of one request; the connection stays usable."""
-
-    def __init__(self, code: ErrorCode, message: str, request_id: Any = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
 @implementer(IPushProducer, IHandshakeListener)
 class RelayProtocol(Protocol, TimeoutMixin):
     """One client connection speaking Relay v1."""
@@ -110,6 +107,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._max_pending = config.max_pending
         self._max_delivery = config.max_frame_size + MAX_ENVELOPE
         self._reactor = factory.reactor
+        self._batch = factory.batch
         self.callLater = factory.reactor.callLater  # for TimeoutMixin
         self._decoder = Decoder(config.max_frame_size)
         self.state = State.INIT
@@ -120,6 +118,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.echo = False
         self.rooms: set[str] = set()
         self._outbox: list[bytes | Fanout] = []
+        # The outbox's last entry when it is a Fanout that may still grow.
+        self._shared_tail: Fanout | None = None
         self._pending_bytes = 0
         self._said_hello = False
         self._requests_seen = False
@@ -157,7 +157,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 old=old.value,
                 new=new.value,
             )
+            self._check_shared_tail(old)
         return True
+
+    def _check_shared_tail(self, old: State) -> None:
+        """A member holding an open Fanout stays OPEN until the flush
+        (``relay.server.fanout``); leaving OPEN with one is a bug."""
+        tail = self._shared_tail
+        if old is _OPEN and tail is not None and not tail.closed:
+            log.critical(
+                "BUG: {conn} left OPEN holding an open shared fan-out entry",
+                conn=self.connection_id,
+            )
 
     @property
     def accepting(self) -> bool:
@@ -195,7 +206,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()
-        self._outbox = []
+        self._take_outbox()
         for room in self.rooms:
             self.factory.registry.leave(self, room)
         self.rooms.clear()
@@ -227,17 +238,17 @@ class RelayProtocol(Protocol, TimeoutMixin):
         log.info(
             "{conn} closing: {code} {message}", conn=self.connection_id, code=code.value, message=message
         )
+        # Written now, so no Fanout in it is held past this point.
+        frames = self._take_outbox()
         self._transition(State.CLOSING)
         self.setTimeout(None)
         error = encode_error(code, message)
-        self._trace_out(error)
         if code is ErrorCode.SLOW_CONSUMER:
             # It cannot be flushed to: best effort, then drop it at once.
-            self._outbox = []
+            self._trace_out(error)
             self.transport.write(error)
             self.transport.abortConnection()
             return
-        frames, self._outbox = self._outbox, []
         frames.append(error)
         self._write(frames)
         self.transport.loseConnection()
@@ -277,74 +288,23 @@ class RelayProtocol(Protocol, TimeoutMixin):
             )
             self.enqueue(encode_error(refusal.code, refusal.message, refusal.request_id))
 
-    def _request(self, frame: Frame) -> tuple[dict[str, Any], Any]:
-        """Parse a JSON request; return its body and its ``id`` (or None)."""
-        if not frame.flags & _JSON:
-            raise RequestError(ErrorCode.BAD_REQUEST, "this request needs a JSON payload")
-        body = loads(frame.payload)
-        if not isinstance(body, dict):
-            raise RequestError(ErrorCode.BAD_REQUEST, "the payload must be a JSON object")
-        request_id = body.get("id")
-        if request_id is not None and (
-            isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-        ):
-            raise RequestError(ErrorCode.BAD_REQUEST, '"id" must be a string or an integer')
-        return body, request_id
-
-    def _room_field(self, body: dict[str, Any], request_id: Any) -> str:
-        name = body.get("room")
-        if not isinstance(name, str):
-            raise RequestError(ErrorCode.BAD_REQUEST, '"room" must be a string', request_id)
-        room = normalize_room_name(name)
-        if room is None:
-            raise RequestError(
-                ErrorCode.INVALID_ROOM,
-                "a room name is 1-64 characters after trimming, with no control characters",
-                request_id,
-            )
-        return room
-
     def _on_hello(self, frame: Frame) -> None:
-        body, request_id = self._request(frame)
+        hello = parse_hello(frame)
+        request_id = hello.request_id
         if self._said_hello or self._requests_seen:
             raise RequestError(
                 ErrorCode.BAD_REQUEST, "HELLO is accepted once, as the first request", request_id
             )
-        user_id = body.get("userId")
-        if "userId" in body:
-            if (
-                not isinstance(user_id, str)
-                or not 0 < len(user_id) <= MAX_USER_ID
-                or has_control_character(user_id)
-            ):
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST,
-                    '"userId" must be a string of 1-128 characters with no control characters',
-                    request_id,
-                )
-            if self.certified_user_id not in (None, user_id):
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST,
-                    f'"userId" must be {self.certified_user_id!r}, the client certificate\'s name',
-                    request_id,
-                )
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise RequestError(ErrorCode.BAD_REQUEST, '"echo" must be true or false', request_id)
-        features = body.get("features", [])
-        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        if hello.user_id is not None and self.certified_user_id not in (None, hello.user_id):
             raise RequestError(
-                ErrorCode.BAD_REQUEST, '"features" must be a list of strings', request_id
+                ErrorCode.BAD_REQUEST,
+                f'"userId" must be {self.certified_user_id!r}, the client certificate\'s name',
+                request_id,
             )
-        for field in ("clientVersion", "token"):
-            if not isinstance(body.get(field, ""), str):
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST, f'"{field}" must be a string', request_id
-                )
         self._said_hello = True
-        if user_id is not None:
-            self.user_id = user_id
-        self.echo = echo
+        if hello.user_id is not None:
+            self.user_id = hello.user_id
+        self.echo = hello.echo
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -362,8 +322,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _on_join(self, frame: Frame) -> None:
         self._requests_seen = True
-        body, request_id = self._request(frame)
-        room = self._room_field(body, request_id)
+        request_id, room = parse_room_request(frame)
         if room not in self.rooms:
             limit = self.factory.config.max_rooms
             if len(self.rooms) >= limit:
@@ -381,8 +340,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _on_leave(self, frame: Frame) -> None:
         self._requests_seen = True
-        body, request_id = self._request(frame)
-        room = self._room_field(body, request_id)
+        request_id, room = parse_room_request(frame)
         if room in self.rooms:
             self.rooms.discard(room)
             self.factory.registry.leave(self, room)
@@ -397,12 +355,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._on_json_message(frame)
 
     def _on_json_message(self, frame: Frame) -> None:
-        body, request_id = self._request(frame)
-        name = body.get("room")
-        if not isinstance(name, str):
-            raise RequestError(ErrorCode.BAD_REQUEST, '"room" must be a string', request_id)
-        if "content" not in body:
-            raise RequestError(ErrorCode.BAD_REQUEST, '"content" is required', request_id)
+        request_id, name, content = parse_publish(frame)
         room = self._member_room(name, request_id)
         try:
             delivery = encode_json(
@@ -410,7 +363,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 {
                     "room": room.name,
                     "from": self.user_id,
-                    "content": body["content"],
+                    "content": content,
                     "timestamp": int(self._reactor.seconds() * 1000),
                     "seq": room.seq + 1,
                 },
@@ -422,14 +375,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._publish(room, delivery, request_id)
 
     def _on_binary_message(self, frame: Frame) -> None:
-        name, start = split_binary_message(frame.payload)
+        name, start = parse_binary_publish(frame)
         room = self._member_room(name, None)
         delivery = encode_binary_delivery_frame(room.name, self.user_id, frame.payload, start)
         self._publish(room, delivery, None)
 
-    def _member_room(self, name: str, request_id: Any):
+    def _member_room(self, name: str, request_id: Any) -> Room:
         """The room this connection may publish to, by the name it gave."""
-        if name not in self.rooms:
+        if name not in self.rooms:  # most names are sent as joined: skip normalising
             normalized = normalize_room_name(name)
             if normalized is None:
                 raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {name!r}", request_id)
@@ -440,7 +393,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             name = normalized
         return self.factory.registry.get(name)
 
-    def _publish(self, room, delivery: bytes, request_id: Any) -> None:
+    def _publish(self, room: Room, delivery: bytes, request_id: Any) -> None:
         if len(delivery) - 4 > self._max_delivery:
             raise RequestError(
                 ErrorCode.BAD_REQUEST,
@@ -449,7 +402,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             )
         room.seq += 1  # counts publishes that were delivered
         self.factory.stats.messages_published += 1
-        room.broadcast(delivery, exclude=None if self.echo else self, batch=self.factory.batch)
+        room.broadcast(delivery, exclude=None if self.echo else self, batch=self._batch)
 
     def _on_heartbeat(self, frame: Frame) -> None:
         self.enqueue(encode(MessageType.HEARTBEAT, frame.flags, frame.payload))
@@ -471,61 +424,65 @@ class RelayProtocol(Protocol, TimeoutMixin):
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting in this connection's outbox (not yet given to the transport)."""
-        return sum(map(len, self._outbox))
+        return _outbox_bytes(self._outbox)
 
     def enqueue(self, frame: bytes) -> None:
         """Queue one encoded frame for this client, in order.
 
         The caller (a read, through the factory) flushes after its batch.
         """
+        if self._shared_tail is not None:
+            self._shared_tail.close()  # this frame goes after it
+            self._shared_tail = None
         state = self.state
-        outbox = self._outbox
-        if outbox and type(outbox[-1]) is Fanout:
-            outbox[-1].closed = True  # this frame goes after it
         if state is _OPEN:
+            outbox = self._outbox
             if not outbox:
-                self.factory.mark_dirty(self)
+                self._batch.mark_dirty(self)
             outbox.append(frame)
         elif state is _DRAINING:
-            outbox.append(frame)
+            self._outbox.append(frame)
             self._pending_bytes += len(frame)
             if self._pending_bytes > self._max_pending:
                 self.fail(
                     ErrorCode.SLOW_CONSUMER,
                     f"more than {self._max_pending} bytes waiting to be sent",
                 )
-                return
-        else:
-            return
-        if self._debug:
-            self._trace_out(frame)
 
     def enqueue_shared(self, fanout: Fanout) -> bool:
         """Queue a room's shared ``fanout`` as one outbox entry, in order.
 
-        Only while OPEN (a paused connection counts its bytes frame by frame)
-        and untraced; False asks the room for the frames one by one.
+        Only while OPEN (a paused connection counts its bytes frame by
+        frame); False asks the room for the frames one by one.
         """
-        if self.state is not _OPEN or self._debug:
+        if self.state is not _OPEN:
             return False
         outbox = self._outbox
         if not outbox:
-            self.factory.mark_dirty(self)
-        elif type(outbox[-1]) is Fanout:
-            outbox[-1].closed = True  # the new one goes after it
+            self._batch.mark_dirty(self)
+        elif self._shared_tail is not None:
+            self._shared_tail.close()  # the new one goes after it
         outbox.append(fanout)
+        self._shared_tail = fanout
         return True
 
     def flush(self) -> None:
         """Write the outbox to the transport, unless it is paused or closing."""
-        if self.state is not _OPEN or not self._outbox:
-            return
-        frames, self._outbox = self._outbox, []
-        self._write(frames)
+        if self.state is _OPEN and self._outbox:
+            self._write(self._take_outbox())
+
+    def _take_outbox(self) -> list[bytes | Fanout]:
+        """Empty the outbox, returning what it held."""
+        entries, self._outbox = self._outbox, []
+        self._shared_tail = None
+        return entries
 
     def _write(self, entries: list[bytes | Fanout]) -> None:
         """Write outbox entries: frames, and shared fanouts joined once for all."""
         stats = self.factory.stats
+        if self._debug:
+            for frame in _frames_of(entries):
+                self._trace_out(frame)
         if self._keeps_message_boundaries:
             frames = _frames_of(entries)
             stats.frames_out += len(frames)
@@ -558,7 +515,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def pauseProducing(self) -> None:
         if self.state is State.OPEN:
             self._transition(State.DRAINING)
-            self._pending_bytes = sum(map(len, self._outbox))
+            self._pending_bytes = _outbox_bytes(self._outbox)
 
     def resumeProducing(self) -> None:
         if self.state is State.DRAINING:
@@ -567,7 +524,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.flush()
 
     def stopProducing(self) -> None:
-        self._outbox = []
+        self._take_outbox()
 
     # Debug tracing: only called when debug logging is on.
 
@@ -591,11 +548,14 @@ def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
     frames: list[bytes] = []
     for entry in entries:
         if type(entry) is Fanout:
-            entry.closed = True
             frames.extend(entry.frames)
         else:
             frames.append(entry)
     return frames
+
+
+def _outbox_bytes(entries: list[bytes | Fanout]) -> int:
+    return sum(entry.size if type(entry) is Fanout else len(entry) for entry in entries)
 
 
 def _type_name(type_: int) -> str:
