@@ -26,7 +26,8 @@ WHITE_SPACE = (
     "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 _JSON = int(Flags.JSON)
-_new_tuple = tuple.__new__
+_NOT_JSON = "this request needs a JSON payload"
+_NOT_AN_OBJECT = "the payload must be a JSON object"
 
 
 class RequestError(Exception):
@@ -57,13 +58,10 @@ class RoomRequest(NamedTuple):
     room: str
 
 
-class Publish(NamedTuple):
-    """A JSON MESSAGE.  ``room`` is the name as sent: normalising it is left
-    to the caller, who can skip it when the name is already one of its rooms."""
-
-    request_id: Any
-    room: str
-    content: Any
+# A JSON MESSAGE: (request id, room, content).  The room is the name as
+# sent: normalising it is left to the caller, who can skip it when the name
+# is already one of its rooms.  A plain tuple, being made once per message.
+Publish = tuple[Any, str, Any]
 
 
 def normalize_room_name(name: str) -> str | None:
@@ -85,16 +83,19 @@ def has_control_character(text: str) -> bool:
 def json_body(frame: Frame) -> tuple[dict[str, Any], Any]:
     """A JSON request's body and its ``id`` (None when it has none)."""
     if not frame.flags & _JSON:
-        raise RequestError(ErrorCode.BAD_REQUEST, "this request needs a JSON payload")
+        raise RequestError(ErrorCode.BAD_REQUEST, _NOT_JSON)
     body = loads(frame.payload)
     if type(body) is not dict:
-        raise RequestError(ErrorCode.BAD_REQUEST, "the payload must be a JSON object")
+        raise RequestError(ErrorCode.BAD_REQUEST, _NOT_AN_OBJECT)
     request_id = body.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-    ):
-        raise RequestError(ErrorCode.BAD_REQUEST, '"id" must be a string or an integer')
+    if request_id is not None:
+        _check_request_id(request_id)
     return body, request_id
+
+
+def _check_request_id(request_id: Any) -> None:
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise RequestError(ErrorCode.BAD_REQUEST, '"id" must be a string or an integer')
 
 
 def parse_hello(frame: Frame) -> Hello:
@@ -148,16 +149,26 @@ def room_field(body: dict[str, Any], request_id: Any) -> str:
 
 
 def parse_publish(frame: Frame) -> Publish:
-    """A JSON MESSAGE: ``{"room", "content"}``, content being any JSON value."""
-    body, request_id = json_body(frame)
+    """A JSON MESSAGE: ``{"room", "content"}``, content being any JSON value.
+
+    This runs once per published message, so it repeats ``json_body``
+    inline and returns a plain tuple (``Publish`` is its type): the call and
+    the NamedTuple cost about 8 % of a message's server time.
+    """
+    if not frame.flags & _JSON:
+        raise RequestError(ErrorCode.BAD_REQUEST, _NOT_JSON)
+    body = loads(frame.payload)
+    if type(body) is not dict:
+        raise RequestError(ErrorCode.BAD_REQUEST, _NOT_AN_OBJECT)
+    request_id = body.get("id")
+    if request_id is not None:
+        _check_request_id(request_id)
     room = body.get("room")
     if type(room) is not str:
         raise RequestError(ErrorCode.BAD_REQUEST, '"room" must be a string', request_id)
     if "content" not in body:
         raise RequestError(ErrorCode.BAD_REQUEST, '"content" is required', request_id)
-    # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs
-    # once per published message.
-    return _new_tuple(Publish, (request_id, room, body["content"]))
+    return request_id, room, body["content"]
 
 
 def parse_binary_publish(frame: Frame) -> tuple[str, int]:

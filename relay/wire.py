@@ -148,6 +148,11 @@ class Decoder:
     old one alike).
     """
 
+    __slots__ = (
+        "max_frame_size", "known_types", "_allow_compressed", "_valid_flags",
+        "_data", "_offset", "_error",
+    )
+
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -215,7 +220,8 @@ class Decoder:
             # Read back on every step: another iterator may have moved on.
             data = self._data
             offset = self._offset
-            if len(data) - offset < HEADER_SIZE:
+            available = len(data) - offset
+            if available < HEADER_SIZE:
                 error = self._partial_header_error(data, offset)
                 if error is not None:
                     self._fail(error)
@@ -228,9 +234,9 @@ class Decoder:
                 and flags in valid_flags
             ):
                 self._fail(self._header_error(length, version, type_, flags))
-            end = offset + LENGTH_SIZE + length
-            if end > len(data):
+            if LENGTH_SIZE + length > available:
                 return
+            end = offset + LENGTH_SIZE + length
             start = offset + HEADER_SIZE
             if type(data) is bytes:
                 payload = data[start:end]
