@@ -33,6 +33,18 @@ SERVER_CERT = CA.issue_cert("localhost", "127.0.0.1")
 CLIENT_CERT = CA.issue_cert("alice.example", common_name="alice")
 OTHER_CA = trustme.CA()
 STRANGER_CERT = OTHER_CA.issue_cert("mallory.example", common_name="mallory")
+RSA_CA = trustme.CA(key_type=trustme.KeyType.RSA)
+RSA_SERVER_CERT = RSA_CA.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+# RFC 7919's ffdhe2048 group: published parameters, so no test waits for DH generation.
+FFDHE2048 = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 class RecordingClient(FrameClient):
@@ -206,6 +218,61 @@ class TLSTests(TLSTestCase):
     async def test_without_client_ca_no_certificate_is_asked_for(self) -> None:
         client = await self.connect_tls(client_cert=CLIENT_CERT)
         self.assertTrue((await client.hello())["userId"].startswith("anon-"))
+
+
+class ECDSACipherTests(TLSTestCase):
+    """TLS 1.2 with an ECDSA certificate: only ECDHE with an AEAD cipher."""
+
+    async def test_cbc_suites_refused(self) -> None:
+        for suite in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384"):
+            await self.assert_suite_refused(suite)
+
+    async def test_aead_suites_accepted(self) -> None:
+        for suite in (
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ):
+            await self.assert_suite_accepted(suite)
+
+
+class RSACipherTests(TLSTestCase):
+    """TLS 1.2 with an RSA certificate: only forward secret key exchange with an AEAD cipher."""
+
+    server_cert = RSA_SERVER_CERT
+
+    async def test_cbc_suites_refused(self) -> None:
+        for suite in ("ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES128-SHA256", "ECDHE-RSA-AES256-SHA"):
+            await self.assert_suite_refused(suite)
+
+    async def test_suites_without_forward_secrecy_refused(self) -> None:
+        for suite in ("AES128-GCM-SHA256", "AES256-GCM-SHA384"):
+            await self.assert_suite_refused(suite)
+
+    async def test_aead_suites_accepted(self) -> None:
+        for suite in (
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-CHACHA20-POLY1305",
+        ):
+            await self.assert_suite_accepted(suite)
+
+
+class DiffieHellmanTests(TLSTestCase):
+    """``dhParameters`` enables the DHE suites of the policy, and only those."""
+
+    server_cert = RSA_SERVER_CERT
+
+    def more_keys(self) -> str:
+        return f":dhParameters={write_pem(self.directory, 'dh.pem', FFDHE2048)}"
+
+    async def test_dhe_aead_suites_accepted(self) -> None:
+        for suite in ("DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-CHACHA20-POLY1305"):
+            await self.assert_suite_accepted(suite)
+
+    async def test_dhe_cbc_suites_refused(self) -> None:
+        for suite in ("DHE-RSA-AES128-SHA", "DHE-RSA-AES256-SHA256"):
+            await self.assert_suite_refused(suite)
 
 
 class MutualTLSTests(TLSTestCase):

@@ -1,7 +1,7 @@
-"""TLS listeners: TLS 1.2 or newer, optionally with client certificates.
+"""TLS listeners: TLS 1.2 or newer, AEAD cipher suites, optionally client certificates.
 
-Twisted's own ``ssl:`` parser cannot express a client CA, and its
-``sslmethod`` could lower the protocol floor.  Relay
+Twisted's own ``ssl:`` parser can express neither a client CA nor a cipher
+policy, and its ``sslmethod`` could lower the protocol floor.  Relay
 therefore registers its own endpoint string parser, ``relay-tls:``
 (declared in ``twisted/plugins/relay_endpoints.py``), which takes the same
 keys as ``ssl:`` except ``sslmethod``, plus ``clientCA``.  Twisted's built-in
@@ -25,6 +25,24 @@ from relay.pem import load_certificates, load_private_certificate
 
 TLS_PREFIX = "relay-tls"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+# Mozilla's "intermediate" TLS 1.2 suites: forward secret key exchange and
+# AEAD only, so no CBC (LUCKY13) and no static RSA.  The DHE ones use the
+# dhParameters group when given.  TLS 1.3 suites are configured apart and
+# keep OpenSSL's set.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+ACCEPTABLE_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
 def endpoint_description(description: str, client_ca: str | None = None) -> str:
@@ -75,6 +93,7 @@ def server_options(
         privateKey=certificate.privateKey.original,
         certificate=certificate.original,
         raiseMinimumTo=MINIMUM_TLS_VERSION,
+        acceptableCiphers=ACCEPTABLE_CIPHERS,
         **options,
     )
 
