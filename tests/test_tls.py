@@ -10,6 +10,7 @@ from OpenSSL import SSL
 from twisted.internet import endpoints, reactor, ssl
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpointStringParser,
 )
@@ -79,6 +80,22 @@ class ProbeClientTLS:
         connection.set_app_data(tls_protocol)
         connection.set_connect_state()
         return connection
+
+
+@implementer(IOpenSSLContextFactory)
+class RelaxedServerTLS:
+    """Relay's server options with OpenSSL's own checks relaxed as far as they go.
+
+    Every cipher suite at security level 0: OpenSSL alone would then
+    negotiate TLS 1.0 and 1.1, so only Relay's protocol floor refuses them.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self._context = options.getContext()
+        self._context.set_cipher_list(b"ALL:@SECLEVEL=0")
+
+    def getContext(self) -> SSL.Context:
+        return self._context
 
 
 def temporary_directory(case: unittest.TestCase) -> FilePath:
@@ -201,7 +218,9 @@ class TLSTests(TLSTestCase):
 
     async def test_tls_1_1_client_refused_by_the_server(self) -> None:
         client = await self.connect_tls(ProbeClientTLS(SSL.TLS1_1_VERSION))
-        # The alert comes from the server: the client did offer TLS 1.1.
+        # The alert comes from the server: the client did offer TLS 1.1.  The
+        # cipher policy and OpenSSL's security level refuse it here as well;
+        # ProtocolFloorTests takes those away to prove the floor itself.
         await self.assert_refused(client, "alert protocol version")
 
     async def test_tls_1_2_client_accepted(self) -> None:
@@ -273,6 +292,37 @@ class DiffieHellmanTests(TLSTestCase):
     async def test_dhe_cbc_suites_refused(self) -> None:
         for suite in ("DHE-RSA-AES128-SHA", "DHE-RSA-AES256-SHA256"):
             await self.assert_suite_refused(suite)
+
+
+class ProtocolFloorTests(TLSTestCase):
+    """The TLS 1.2 floor holds on its own, not only through OpenSSL's defaults.
+
+    The server runs Relay's options with every cipher suite at security
+    level 0, where OpenSSL would negotiate TLS 1.0 and 1.1: lowering Relay's
+    floor (say with ``insecurelyLowerMinimumTo``) makes these tests fail.
+    Twisted's own default floor is TLS 1.2 too; Relay states its floor
+    explicitly so that it does not depend on that default.
+    """
+
+    async def setUp(self) -> None:
+        await super().setUp()
+        key, cert = (self.directory.child(name).path for name in ("key.pem", "cert.pem"))
+        options = tls.server_options(key, cert)
+        relaxed = endpoints.SSL4ServerEndpoint(reactor, 0, RelaxedServerTLS(options), interface="127.0.0.1")
+        self.tls_port = await relaxed.listen(self.factory)
+        self.addCleanup(self.tls_port.stopListening)
+
+    async def test_relaxed_server_accepts_what_the_cipher_policy_refuses(self) -> None:
+        # Proves the relaxation takes effect, so the refusals below are the floor's.
+        await self.assert_suite_accepted("ECDHE-ECDSA-AES128-SHA")
+
+    async def test_tls_1_1_refused_where_openssl_would_allow_it(self) -> None:
+        client = await self.connect_tls(ProbeClientTLS(SSL.TLS1_1_VERSION))
+        await self.assert_refused(client, "alert protocol version")
+
+    async def test_tls_1_0_refused_where_openssl_would_allow_it(self) -> None:
+        client = await self.connect_tls(ProbeClientTLS(SSL.TLS1_VERSION))
+        await self.assert_refused(client, "alert protocol version")
 
 
 class MutualTLSTests(TLSTestCase):
