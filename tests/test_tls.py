@@ -348,6 +348,10 @@ class MutualTLSTests(TLSTestCase):
         # Naming itself as the certificate does is fine.
         self.assertEqual((await client.hello(userId="alice"))["userId"], "alice")
 
+    async def test_common_name_with_control_characters_leaves_the_user_anonymous(self) -> None:
+        client = await self.connect_tls(client_cert=CA.issue_cert("eve.example", common_name="eve\x1b[2J"))
+        self.assertTrue((await client.hello())["userId"].startswith("anon-"))
+
     async def test_client_without_certificate_refused(self) -> None:
         client = await self.connect_tls()
         await self.assert_refused(client, "certificate required")

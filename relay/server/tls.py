@@ -22,6 +22,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from relay.pem import load_certificates, load_private_certificate
+from relay.server.rooms import has_control_character
 
 TLS_PREFIX = "relay-tls"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
@@ -43,6 +44,8 @@ TLS12_CIPHERS = ":".join(
     ]
 )
 ACCEPTABLE_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
+# RFC 5280's upper bound for a common name (ub-common-name).
+MAX_COMMON_NAME = 64
 
 
 def endpoint_description(description: str, client_ca: str | None = None) -> str:
@@ -136,7 +139,11 @@ def _tls_server_endpoint(
 
 
 def certificate_user_id(certificate: Any) -> str | None:
-    """The common name of a peer certificate (pyOpenSSL X509), or None."""
+    """The common name of a peer certificate (pyOpenSSL X509), or None.
+
+    A name that is empty, longer than RFC 5280 allows or holds control
+    characters is None too: it would become a user id echoed to others.
+    """
     if certificate is None:
         return None
     subject = certificate.to_cryptography().subject
@@ -144,4 +151,6 @@ def certificate_user_id(certificate: Any) -> str | None:
     if not names:
         return None
     value = names[0].value
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_COMMON_NAME:
+        return None
+    return None if has_control_character(value) else value
