@@ -230,6 +230,14 @@ class PackagingTests(unittest.TestCase):
         (record,) = Path(venv).glob("lib/python*/site-packages/relay-*.dist-info/RECORD")
         files = {line.split(",")[0] for line in record.read_text().splitlines()}
         self.assertIn("twisted/plugins/relay_plugin.py", files)
+        # Twisted finds the relay-tls endpoint parsers, server and client, in the wheel.
+        found = await self.run_ok(
+            os.path.join(venv, "bin", "python"), "-c",
+            "from twisted.internet import interfaces as i; from twisted.plugin import getPlugins; "
+            "kinds = i.IStreamServerEndpointStringParser, i.IStreamClientEndpointStringParserWithReactor; "
+            "print(*[p.prefix for kind in kinds for p in getPlugins(kind) if 'relay' in p.prefix])",
+        )
+        self.assertEqual(found.split(), [b"relay-tls", b"relay-tls"])
         self.assertNotIn("twisted/plugins/__init__.py", files)
         self.assertNotIn("twisted/__init__.py", files)
 

@@ -295,8 +295,8 @@ class SecureWebSocketTests(unittest.TestCase):
             blob.write_to_path(paths[name])
         factory = RelayFactory(RelayConfig(), reactor=reactor)
         description = f"ssl:0:privateKey={paths['key']}:certKey={paths['cert']}:interface=127.0.0.1"
-        tcp, site = tls.listener(description, websocket.make_site(factory), client_ca=paths["ca"])
-        port = await endpoints.serverFromString(reactor, tcp).listen(site)
+        listening = endpoints.serverFromString(reactor, tls.endpoint_description(description, paths["ca"]))
+        port = await listening.listen(websocket.make_site(factory))
         self.addCleanup(port.stopListening)
         self.addCleanup(factory.wait_closed)
         context = stdlib_ssl.create_default_context()

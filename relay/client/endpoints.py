@@ -7,23 +7,31 @@ opens one connection over it and fires once HELLO is acknowledged.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, ssl
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    clientFromString,
+    quoteStringArgument,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamClientEndpointStringParserWithReactor
 from twisted.internet.protocol import Factory
+from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 from relay.client.protocol import RelayClientFactory, RelayClientProtocol
-from relay.server.tls import split_description
+from relay.pem import load_certificates, load_private_certificate
 
 # How long one TCP connection attempt may take (Twisted's default too).
 CONNECT_TIMEOUT_SECONDS = 30.0
 WEBSOCKET_SUBPROTOCOL = "relay.v1"
 WEBSOCKET_PATH = "/relay"
 WEBSOCKET_DEFAULT_PORTS = {"ws": 80, "wss": 443}
+# Relay's own client TLS endpoint prefix (Twisted's tls: cannot trust a PEM bundle file).
+TLS_PREFIX = "relay-tls"
 
 
 def build_endpoint(reactor: Any, description: str, ca_file: str | None = None,
@@ -38,36 +46,72 @@ def build_endpoint(reactor: Any, description: str, ca_file: str | None = None,
         return _websocket_endpoint(reactor, description, ca_file, client_cert)
     if ca_file is None and client_cert is None:
         return clientFromString(reactor, description)
-    scheme, args, kwargs = split_description(description)
-    if scheme != "tls":
+    prefix, _, rest = description.partition(":")
+    if prefix.lower() not in ("tls", TLS_PREFIX):
         raise ValueError("ca_file and client_cert need a tls: endpoint or a wss:// URL")
-    host = kwargs.get("host") or (args[0] if args else None)
-    port = kwargs.get("port") or (args[1] if len(args) > 1 else None)
-    if not host or not port:
-        raise ValueError(f"{description!r} needs a host and a port")
-    timeout = float(kwargs.get("timeout", CONNECT_TIMEOUT_SECONDS))
-    inner = HostnameEndpoint(reactor, host, int(port), timeout=timeout)
-    return wrapClientTLS(_tls_options(host, ca_file, client_cert), inner)
+    # The files travel as keywords of the relay-tls: parser; the rest of the
+    # description is Twisted's to parse, as for tls:.
+    if ca_file is not None:
+        rest += f":caFile={quoteStringArgument(ca_file)}"
+    if client_cert is not None:
+        rest += f":certificate={quoteStringArgument(client_cert)}"
+    return clientFromString(reactor, f"{TLS_PREFIX}:{rest}")
 
 
-def _tls_options(host: str, ca_file: str | None, client_cert: str | None) -> Any:
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class RelayTLSClientParser:
+    """The ``relay-tls:`` client endpoint: Twisted's ``tls:`` with a PEM bundle to trust.
+
+    Keys: ``host`` and ``port`` (or the first two positional fields),
+    ``timeout``, ``bindAddress``, ``certificate``, ``privateKey`` and
+    ``endpoint`` as for ``tls:``, and ``caFile``, a PEM file of one or more
+    certificates to trust instead of the system's.  Any other key is a
+    ``ValueError``.
+    """
+
+    prefix = TLS_PREFIX
+
+    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> IStreamClientEndpoint:
+        return _tls_client_endpoint(reactor, *args, **kwargs)
+
+
+def _tls_client_endpoint(
+    reactor: Any,
+    host: str | None = None,
+    port: str | None = None,
+    timeout: str | None = None,
+    bindAddress: str | None = None,
+    certificate: str | None = None,
+    privateKey: str | None = None,
+    caFile: str | None = None,
+    endpoint: str | None = None,
+    **unsupported: str,
+) -> IStreamClientEndpoint:
+    if unsupported:
+        # trustRoots (a directory) is left to tls:; caFile takes its place here.
+        raise ValueError(f"unsupported {TLS_PREFIX} option(s) {', '.join(sorted(unsupported))}")
+    if not host or not (port or endpoint):
+        raise ValueError(f"a {TLS_PREFIX} endpoint needs a host and a port")
+    options = _tls_options(host, caFile, certificate, privateKey)
+    inner: IStreamClientEndpoint
+    if endpoint is not None:
+        inner = clientFromString(reactor, endpoint)
+    else:
+        bind = None if bindAddress is None else (bindAddress, 0)
+        seconds = CONNECT_TIMEOUT_SECONDS if timeout is None else float(timeout)
+        inner = HostnameEndpoint(reactor, host, int(port), timeout=seconds, bindAddress=bind)
+    return wrapClientTLS(options, inner)
+
+
+def _tls_options(host: str, ca_file: str | None, certificate: str | None,
+                 private_key: str | None = None) -> Any:
     trust_root = None
     if ca_file is not None:
-        with open(ca_file, "rb") as pem:
-            blocks = _PEM_CERTIFICATE.findall(pem.read())
-        if not blocks:
-            raise ValueError(f"{ca_file} holds no PEM certificate")
-        trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-    certificate = None
-    if client_cert is not None:
-        with open(client_cert, "rb") as pem:
-            certificate = ssl.PrivateCertificate.loadPEM(pem.read())
-    return ssl.optionsForClientTLS(host, trustRoot=trust_root, clientCertificate=certificate)
-
-
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+        trust_root = ssl.trustRootFromCertificates(load_certificates(ca_file))
+    client_certificate = None
+    if certificate is not None:
+        client_certificate = load_private_certificate(certificate, private_key)
+    return ssl.optionsForClientTLS(host, trustRoot=trust_root, clientCertificate=client_certificate)
 
 
 def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,

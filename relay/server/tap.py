@@ -150,12 +150,12 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     relay = RelayService(factory)
     client_ca = options["tls-client-ca"]
     for description in options["ports"]:
-        relay.listen(*tls.listener(description, factory, client_ca))
+        relay.listen(tls.endpoint_description(description, client_ca), factory)
     if options["websockets"]:
         # Imported here so that `twistd relay` without WebSocket does not pay for autobahn.
         from relay.server.websocket import make_site
 
         site = make_site(factory, options["allowed-origins"])
         for description in options["websockets"]:
-            relay.listen(*tls.listener(description, site, client_ca))
+            relay.listen(tls.endpoint_description(description, client_ca), site)
     return relay

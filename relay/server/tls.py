@@ -1,137 +1,149 @@
-"""TLS listeners: TLS 1.2 or newer, optionally with client certificates.
+"""TLS listeners: TLS 1.2 or newer, AEAD cipher suites, optionally client certificates.
 
-``ssl:`` strports descriptions are parsed here rather than by Twisted's own
-parser, because that parser can express neither a client CA nor a fixed
-minimum protocol version.  The result is a plain ``tcp:`` description and a
-``CertificateOptions``; the caller wraps its factory in ``TLSMemoryBIOFactory``
-and hands both to ``strports.service``, so a port that cannot be bound still
-aborts startup loudly.
+Twisted's own ``ssl:`` parser can express neither a client CA nor a cipher
+policy, and its ``sslmethod`` could lower the protocol floor.  Relay
+therefore registers its own endpoint string parser, ``relay-tls:``
+(declared in ``twisted/plugins/relay_endpoints.py``), which takes the same
+keys as ``ssl:`` except ``sslmethod``, plus ``clientCA``.  Twisted's built-in
+``ssl`` prefix always wins over plugins, so the command line's ``ssl:``
+descriptions are routed to it by ``endpoint_description``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cryptography import x509
 from cryptography.x509.oid import NameOID
-from OpenSSL.crypto import X509
 from twisted.internet import ssl
-from twisted.internet.interfaces import IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.endpoints import SSL4ServerEndpoint, quoteStringArgument
+from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
-# Everything Twisted's ssl: parser accepts, except sslmethod: allowing a
-# method would let a description lower the protocol floor.
-_SSL_KEYWORDS = frozenset(
-    {"port", "privateKey", "certKey", "interface", "backlog", "extraCertChain", "dhParameters"}
-)
+from relay.pem import load_certificates, load_private_certificate
+from relay.server.rooms import has_control_character
+
+TLS_PREFIX = "relay-tls"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+# Mozilla's "intermediate" TLS 1.2 suites: forward secret key exchange and
+# AEAD only, so no CBC (LUCKY13) and no static RSA.  The DHE ones use the
+# dhParameters group when given.  TLS 1.3 suites are configured apart and
+# keep OpenSSL's set.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+ACCEPTABLE_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
+# RFC 5280's upper bound for a common name (ub-common-name).
+MAX_COMMON_NAME = 64
 
 
-def split_description(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split a strports description into its prefix, positional and keyword
-    arguments, honouring backslash escapes the way Twisted does."""
-    fields: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    fields.append("".join(current))
-    prefix, rest = fields[0], fields[1:]
-    args = [field for field in rest if "=" not in field]
-    kwargs = dict(field.split("=", 1) for field in rest if "=" in field)
-    return prefix, args, kwargs
+def endpoint_description(description: str, client_ca: str | None = None) -> str:
+    """The strports description to listen on for a ``--port``/``--websocket`` value.
 
-
-def is_tls_description(description: str) -> bool:
-    """True for an ``ssl:`` strports description."""
-    return split_description(description)[0].lower() == "ssl"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _load_certificates(path: str) -> list[X509]:
-    """Every PEM certificate in ``path``, as pyOpenSSL objects."""
-    pem = FilePath(path).getContent()
-    return [X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)]
-
-
-def parse_tls_description(
-    description: str, client_ca: str | None = None
-) -> tuple[str, ssl.CertificateOptions]:
-    """Turn ``ssl:PORT:privateKey=...:certKey=...`` into a ``tcp:`` description
-    and the TLS options to wrap it with.
-
-    With ``client_ca`` (a PEM file of one or more CA certificates) every
-    client must present a certificate signed by one of them.  Raises
-    ``ValueError`` for an option Relay does not support.
+    ``ssl:`` (and ``relay-tls:``) descriptions become ``relay-tls:`` ones,
+    carrying ``client_ca`` (a PEM file of CA certificates) as ``clientCA``;
+    the rest of the description is passed on untouched.  Anything else is
+    returned unchanged.
     """
-    prefix, args, kwargs = split_description(description)
-    if prefix.lower() != "ssl":
-        raise ValueError(f"not an ssl: description: {description!r}")
-    unknown = set(kwargs) - _SSL_KEYWORDS
-    if unknown:
-        raise ValueError(
-            f"unsupported ssl: option(s) {', '.join(sorted(unknown))}; "
-            "Relay always negotiates TLS 1.2 or newer"
-        )
-    if args:
-        kwargs.setdefault("port", args[0])
-    if "port" not in kwargs:
-        raise ValueError(f"no port in {description!r}")
-    private_key = kwargs.get("privateKey", "server.pem")
-    cert_key = kwargs.get("certKey", private_key)
-    certificate = ssl.PrivateCertificate.loadPEM(
-        FilePath(cert_key).getContent() + b"\n" + FilePath(private_key).getContent()
-    )
+    prefix, _, rest = description.partition(":")
+    if prefix.lower() not in ("ssl", TLS_PREFIX):
+        return description
+    routed = f"{TLS_PREFIX}:{rest}"
+    if client_ca is not None:
+        routed += f":clientCA={quoteStringArgument(client_ca)}"
+    return routed
+
+
+def server_options(
+    private_key: str = "server.pem",
+    cert_key: str | None = None,
+    extra_cert_chain: str | None = None,
+    dh_parameters: str | None = None,
+    client_ca: str | None = None,
+) -> ssl.CertificateOptions:
+    """TLS options for a Relay listener, from PEM file paths.
+
+    ``cert_key`` defaults to the ``private_key`` file.  With ``client_ca``
+    every client must present a certificate signed by one of its CAs.
+    """
+    if cert_key is None:
+        certificate = load_private_certificate(private_key)
+    else:
+        certificate = load_private_certificate(cert_key, private_key)
     options: dict[str, Any] = {}
-    if "extraCertChain" in kwargs:
-        options["extraCertChain"] = _load_certificates(kwargs["extraCertChain"])
-    if "dhParameters" in kwargs:
-        options["dhParameters"] = ssl.DiffieHellmanParameters.fromFile(
-            FilePath(kwargs["dhParameters"])
-        )
+    if extra_cert_chain is not None:
+        options["extraCertChain"] = [c.original for c in load_certificates(extra_cert_chain)]
+    if dh_parameters is not None:
+        options["dhParameters"] = ssl.DiffieHellmanParameters.fromFile(FilePath(dh_parameters))
     if client_ca is not None:
         options.update(
-            verify=True, requireCertificate=True, caCerts=_load_certificates(client_ca)
+            verify=True,
+            requireCertificate=True,
+            caCerts=[c.original for c in load_certificates(client_ca)],
         )
-    context = ssl.CertificateOptions(
+    return ssl.CertificateOptions(
         privateKey=certificate.privateKey.original,
         certificate=certificate.original,
         raiseMinimumTo=MINIMUM_TLS_VERSION,
+        acceptableCiphers=ACCEPTABLE_CIPHERS,
         **options,
     )
-    tcp = f"tcp:{kwargs['port']}"
-    for keyword in ("interface", "backlog"):
-        if keyword in kwargs:
-            tcp += f":{keyword}={_escape(kwargs[keyword])}"
-    return tcp, context
 
 
-def listener(
-    description: str, factory: IProtocolFactory, client_ca: str | None = None
-) -> tuple[str, IProtocolFactory]:
-    """The strports description and factory to listen with.
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class RelayTLSServerParser:
+    """The ``relay-tls:`` server endpoint: Twisted's ``ssl:`` keys under Relay's TLS policy.
 
-    ``ssl:`` descriptions become TCP listeners whose factory is wrapped in
-    TLS; anything else is returned unchanged.
+    Keys: the port (first positional field or ``port``), ``privateKey``,
+    ``certKey``, ``extraCertChain``, ``dhParameters``, ``interface`` and
+    ``backlog`` as for ``ssl:``, and ``clientCA``.  Any other key, notably
+    ``sslmethod``, is a ``ValueError``.
     """
-    if not is_tls_description(description):
-        return description, factory
-    tcp, context = parse_tls_description(description, client_ca)
-    return tcp, TLSMemoryBIOFactory(context, False, factory)
+
+    prefix = TLS_PREFIX
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> IStreamServerEndpoint:
+        return _tls_server_endpoint(reactor, *args, **kwargs)
+
+
+def _tls_server_endpoint(
+    reactor: Any,
+    port: str | None = None,
+    privateKey: str = "server.pem",
+    certKey: str | None = None,
+    interface: str = "",
+    backlog: str = "50",
+    extraCertChain: str | None = None,
+    dhParameters: str | None = None,
+    clientCA: str | None = None,
+    **unsupported: str,
+) -> IStreamServerEndpoint:
+    if unsupported:
+        why = "; sslmethod could lower the TLS 1.2 floor" if "sslmethod" in unsupported else ""
+        raise ValueError(f"unsupported {TLS_PREFIX} option(s) {', '.join(sorted(unsupported))}{why}")
+    if port is None:
+        raise ValueError(f"a {TLS_PREFIX} listener needs a port")
+    options = server_options(privateKey, certKey, extraCertChain, dhParameters, clientCA)
+    return SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)
 
 
 def certificate_user_id(certificate: Any) -> str | None:
-    """The common name of a peer certificate (pyOpenSSL X509), or None."""
+    """The common name of a peer certificate (pyOpenSSL X509), or None.
+
+    A name that is empty, longer than RFC 5280 allows or holds control
+    characters is None too: it would become a user id echoed to others.
+    """
     if certificate is None:
         return None
     subject = certificate.to_cryptography().subject
@@ -139,4 +151,6 @@ def certificate_user_id(certificate: Any) -> str | None:
     if not names:
         return None
     value = names[0].value
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_COMMON_NAME:
+        return None
+    return None if has_control_character(value) else value

@@ -1,0 +1,3 @@
+from relay.client.endpoints import RelayTLSClientParser
+
+relayTLSClient = RelayTLSClientParser()

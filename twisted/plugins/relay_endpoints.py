@@ -1,0 +1,3 @@
+from relay.server.tls import RelayTLSServerParser
+
+relayTLSServer = RelayTLSServerParser()
