@@ -16,13 +16,16 @@ from typing import Any
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, quoteStringArgument
-from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from relay.pem import load_certificates, load_private_certificate
-from relay.server.rooms import has_control_character
+from relay.requests import has_control_character
 
 TLS_PREFIX = "relay-tls"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
