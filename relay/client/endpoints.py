@@ -18,11 +18,10 @@ from twisted.internet.protocol import Factory
 
 from relay.client.protocol import RelayClientFactory, RelayClientProtocol
 from relay.server.tls import split_description
+from relay.wsmapping import PATH as WEBSOCKET_PATH, SUBPROTOCOL as WEBSOCKET_SUBPROTOCOL
 
 # How long one TCP connection attempt may take (Twisted's default too).
 CONNECT_TIMEOUT_SECONDS = 30.0
-WEBSOCKET_SUBPROTOCOL = "relay.v1"
-WEBSOCKET_PATH = "/relay"
 WEBSOCKET_DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
