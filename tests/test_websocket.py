@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
+from twisted.web.http import HTTPChannel
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Opcode
@@ -31,7 +32,7 @@ from websockets.sync.client import ClientConnection, connect
 from relay import wsmapping
 from relay.client import connect as connect_relay
 from relay.server import tls, websocket
-from relay.server.protocol import State
+from relay.server.protocol import RelayProtocol, State
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.tap import Options, makeService
 from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
@@ -108,6 +109,7 @@ class SansIOClient:
         # As on a socket, the stream names its protocol; the upgrade replaces it.
         self.stream.protocol = channel
         channel.makeConnection(self.stream)
+        self.producer_before_upgrade = self.stream.producer
         self.peer = ClientProtocol(
             parse_uri("ws://127.0.0.1/relay"), subprotocols=[wsmapping.SUBPROTOCOL]
         )
@@ -146,12 +148,29 @@ class SansIOClient:
             self.websocket.connectionLost(Failure(reason))
 
 
+class RecordingRelayProtocol(RelayProtocol):
+    """A RelayProtocol that keeps the reasons it was given in ``connectionLost``."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        super().__init__(factory)
+        self.lost_with: list[Any] = []
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost_with.append(reason)
+        super().connectionLost(reason)
+
+
+class RecordingRelayFactory(RelayFactory):
+    def buildProtocol(self, addr: Any) -> RelayProtocol:
+        return RecordingRelayProtocol(self)
+
+
 class ServerAdapterUnitTests(unittest.TestCase):
     """The server adapter, byte for byte, with the relay factory on a Clock."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.factory = RelayFactory(RelayConfig(), reactor=self.clock)
+        self.factory = RecordingRelayFactory(RelayConfig(), reactor=self.clock)
         self.site = websocket.make_site(self.factory)
 
     def open(self) -> tuple[SansIOClient, Any]:
@@ -160,6 +179,25 @@ class ServerAdapterUnitTests(unittest.TestCase):
         self.addCleanup(client.lose, error.ConnectionDone())
         (relay,) = self.factory.connections
         return client, relay
+
+    def test_relay_connection_replaces_the_http_channel_as_the_streams_producer(self) -> None:
+        client, relay = self.open()
+        # twisted.web registered the channel that read the upgrade request.
+        self.assertIsInstance(client.producer_before_upgrade, HTTPChannel)
+        self.assertIs(client.stream.producer, relay)
+        self.assertTrue(client.stream.streaming)
+        client.stream.producer.pauseProducing()
+        self.assertIs(relay.state, State.DRAINING)
+        client.stream.producer.resumeProducing()
+        self.assertIs(relay.state, State.OPEN)
+
+    def test_relay_connection_is_lost_with_the_streams_own_failure(self) -> None:
+        for reason in (error.ConnectionDone(), error.ConnectionLost(), error.ConnectionAborted()):
+            client, relay = self.open()
+            client.lose(reason)
+            self.assertIs(relay.state, State.CLOSED)
+            [failure] = relay.lost_with
+            self.assertIs(failure.value, reason)
 
     def test_abort_closes_the_websocket_at_once(self) -> None:
         client, relay = self.open()
@@ -175,9 +213,10 @@ class WebSocketTestCase(unittest.TestCase):
 
     config: dict[str, Any] = {}
     allowed_origins: tuple[str, ...] = ("*",)
+    factory_class = RelayFactory
 
     async def setUp(self) -> None:
-        self.factory = RelayFactory(RelayConfig(**self.config), reactor=reactor)
+        self.factory = self.factory_class(RelayConfig(**self.config), reactor=reactor)
         site = websocket.make_site(self.factory, self.allowed_origins)
         self.http_port = await self.listen(site)
         self.tcp_port = await self.listen(self.factory)
@@ -302,6 +341,33 @@ class LimitTests(WebSocketTestCase):
         self.assertEqual(factory.maxFramePayloadSize, 1004)
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (20, 20))
         self.assertEqual(factory.openHandshakeTimeout, websocket.OPEN_HANDSHAKE_TIMEOUT)
+
+
+class ConnectionLostTests(WebSocketTestCase):
+    """The relay connection learns how its WebSocket ended, as on TCP."""
+
+    factory_class = RecordingRelayFactory
+
+    async def hello(self, user_id: str) -> tuple[WebSocketClient, Any]:
+        client = await self.connect_ws()
+        await client.request(MessageType.HELLO, {"userId": user_id})
+        return client, self.server_side(user_id)
+
+    async def test_clean_close_by_the_client_ends_it_with_connection_done(self) -> None:
+        client, relay = await self.hello("leaving")
+        await client.close()
+        await self.factory.wait_closed()
+        [failure] = relay.lost_with
+        self.assertIsInstance(failure, Failure)
+        self.assertIsInstance(failure.value, error.ConnectionDone)
+
+    async def test_abort_ends_it_with_connection_aborted(self) -> None:
+        client, relay = await self.hello("aborted")
+        relay.transport.abortConnection()
+        await self.factory.wait_closed()
+        [failure] = relay.lost_with
+        self.assertIsInstance(failure.value, error.ConnectionAborted)
+        self.assertEqual(await client.closed_with(), (None, None))
 
 
 class ClientAdapterTests(WebSocketTestCase):

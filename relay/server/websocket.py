@@ -12,8 +12,20 @@ it frames one by one).
 
 Backpressure works as on TCP: the relay connection is registered as the push
 producer of the socket under the WebSocket, so it is paused (DRAINING) when
-that socket's buffer fills.  autobahn's own wrapping adapter cannot do
-this, which is why Relay has its own.
+that socket's buffer fills.  The HTTP channel that read the upgrade request
+registered itself as that socket's producer, and the registration outlives
+autobahn's takeover of the socket, so it is released when the WebSocket
+opens, just before the relay connection registers itself.
+
+Why not a subclass of autobahn's ``WrappingWebSocketServerProtocol``: it does
+forward producer registration to the socket (``WebSocketAdapterProtocol``
+provides it), but it calls ``connectionLost(None)`` from ``onClose``, has no
+``abortConnection``, raises from ``write`` once the closing handshake has
+begun, refuses clients that offer no subprotocol it knows, has a base64 text
+mode where Relay refuses text, and builds the wrapped protocol before the
+handshake is accepted, so a refused handshake would end a relay connection
+that never opened.  A subclass would override every method it has and reach
+into its private ``_proto`` and ``_binaryMode``; this adapter is smaller.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -97,8 +110,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         stream = self.transport
-        # twisted.web's HTTP channel registered itself as the stream's
-        # producer; the stream belongs to the relay connection now.
+        # Release the HTTP channel's registration (see the module docstring):
+        # the relay connection is the stream's producer from now on.
         stream.unregisterProducer()
         self.relay = self.factory.relay_factory.buildProtocol(stream.getPeer())
         self.relay.makeConnection(MessageTransport(self))
@@ -119,10 +132,13 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             return
         self.relay.dataReceived(payload)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        if self.relay is not None:
-            self.relay.connectionLost(reason)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            # The stream's own Failure (ConnectionDone after a clean close,
+            # ConnectionAborted after an abort), as on TCP.
+            relay.connectionLost(reason)
 
 
 class RelayWebSocketFactory(WebSocketServerFactory):
