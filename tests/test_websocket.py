@@ -199,6 +199,14 @@ class ServerAdapterUnitTests(unittest.TestCase):
             [failure] = relay.lost_with
             self.assertIs(failure.value, reason)
 
+    def test_idle_http_connection_closes_on_the_relay_factorys_clock(self) -> None:
+        stream = StringTransport()
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(stream)
+        self.addCleanup(channel.connectionLost, Failure(error.ConnectionDone()))
+        self.clock.advance(self.factory.config.idle_timeout)
+        self.assertTrue(stream.disconnecting)
+
     def test_abort_closes_the_websocket_at_once(self) -> None:
         client, relay = self.open()
         relay.transport.abortConnection()

@@ -195,4 +195,5 @@ def make_site(relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*"
     root.putChild(b"", DemoPage(demo_page()))
     ws_factory = RelayWebSocketFactory(relay_factory, allowed_origins)
     root.putChild(PATH.lstrip("/").encode("ascii"), WebSocketResource(ws_factory))
-    return Site(root, timeout=relay_factory.config.idle_timeout)
+    # Idle HTTP connections time out on the relay's reactor, like relay connections.
+    return Site(root, timeout=relay_factory.config.idle_timeout, reactor=relay_factory.reactor)
