@@ -12,8 +12,8 @@ The mapping between the two, used by the server adapter
 - **A sender sends each chunk it writes as a message of its own**, and
   ``writeSequence`` sends each element as its own message, in order, never
   joined.  Both Relay protocols write whole frames, so every message they send
-  holds exactly one frame: the server promises this to clients, and a
-  client's message then stays within the server's ``max_message_size``.
+  holds exactly one frame: the server promises this to clients, and it keeps
+  every message within ``max_message_size``.
 - **Text messages are refused**: close code 1003 with ``TEXT_REFUSED``.
 - **Closing**: ``loseConnection`` starts the closing handshake with 1000;
   ``abortConnection`` drops the TCP connection through autobahn, so autobahn
@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from twisted.internet.interfaces import IConsumer, ITransport
 from zope.interface import implementer
 
-from relay.wire import LENGTH_SIZE
+from relay.wire import LENGTH_SIZE, MAX_ENVELOPE
 
 PATH = "/relay"
 SUBPROTOCOL = "relay.v1"
@@ -52,9 +52,15 @@ class CloseCode(enum.IntEnum):
 
 
 def max_message_size(max_frame_size: int) -> int:
-    """The largest WebSocket message accepted: one frame of the largest
-    length plus its length prefix."""
-    return max_frame_size + LENGTH_SIZE
+    """The largest WebSocket message, and WebSocket frame, the server sends or accepts.
+
+    That is the largest frame the server sends, a delivery of a frame of
+    ``max_frame_size`` plus the envelope it adds, with its length prefix:
+    autobahn applies one limit to both directions, and ``sendMessage``
+    raises for a message above it.  A client's message holds at most one
+    frame of ``max_frame_size``, so it fits with room to spare.
+    """
+    return LENGTH_SIZE + max_frame_size + MAX_ENVELOPE
 
 
 def refuse_text(websocket: Any) -> None:

@@ -35,7 +35,17 @@ from relay.server import tls, websocket
 from relay.server.protocol import RelayProtocol, State
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.tap import Options, makeService
-from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
+from relay.wire import (
+    MAX_ENVELOPE,
+    Decoder,
+    ErrorCode,
+    Flags,
+    Frame,
+    MessageType,
+    encode,
+    encode_json,
+    loads,
+)
 from tests.support import FrameClient, connect_frame_client
 
 TIMEOUT = 10.0
@@ -334,6 +344,19 @@ class LimitTests(WebSocketTestCase):
         await client.send(encode(MessageType.HEARTBEAT, Flags.BINARY, payload))
         self.assertEqual((await client.next_frame()).payload, payload)
 
+    async def test_delivery_of_a_full_frame_reaches_a_websocket_member(self) -> None:
+        member = await self.connect_ws()
+        await member.request(MessageType.JOIN_ROOM, {"room": "big"})
+        publisher = await self.connect_tcp()
+        await publisher.join("big")
+        frame = full_message_frame("big", 1024, "full")
+        publisher.send(frame)
+        type_, body = await member.next_json()
+        self.assertEqual((type_, body["content"]), (MessageType.MESSAGE, loads(frame[7:])["content"]))
+        # The publisher's connection is untouched by the bigger delivery.
+        publisher.send_frame(MessageType.HEARTBEAT)
+        self.assertEqual((await publisher.next_frame()).type, MessageType.HEARTBEAT)
+
     async def test_oversize_frame_header_gets_frame_too_large(self) -> None:
         client = await self.connect_ws()
         await client.send(struct.pack("!IBBB", 1025, 1, MessageType.MESSAGE, 0))
@@ -345,8 +368,9 @@ class LimitTests(WebSocketTestCase):
         factory = websocket.RelayWebSocketFactory(
             RelayFactory(RelayConfig(max_frame_size=1000, idle_timeout=40), reactor=reactor)
         )
-        self.assertEqual(factory.maxMessagePayloadSize, 1004)
-        self.assertEqual(factory.maxFramePayloadSize, 1004)
+        # The largest delivery: a full frame, the envelope and the length prefix.
+        self.assertEqual(factory.maxMessagePayloadSize, 1000 + MAX_ENVELOPE + 4)
+        self.assertEqual(factory.maxFramePayloadSize, 1000 + MAX_ENVELOPE + 4)
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (20, 20))
         self.assertEqual(factory.openHandshakeTimeout, websocket.OPEN_HANDSHAKE_TIMEOUT)
 
