@@ -25,6 +25,7 @@ from websockets.frames import Close, Opcode
 from websockets.server import ServerProtocol
 from zope.interface import implementer
 
+from relay import wsmapping
 from relay.client import (
     HELLO_TIMEOUT_SECONDS,
     MISSED_HEARTBEATS,
@@ -36,7 +37,6 @@ from relay.client import (
     build_endpoint,
     connect,
 )
-from relay import wsmapping
 from relay.client.websocket import WebSocketClientEndpoint
 from relay.server.factory import RelayFactory
 from relay.wire import (
@@ -289,7 +289,7 @@ class StringTransportEndpoint:
 
 class WebSocketStreamTransportTests(unittest.TestCase):
     """The client adapter over a real autobahn protocol, with the
-    ``websockets`` sans-IO server as the peer: no socket, no fake."""
+    ``websockets`` sans-IO server as the peer, byte for byte."""
 
     def setUp(self) -> None:
         self.inner = StringTransportEndpoint()
