@@ -25,7 +25,6 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http import HTTPChannel
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Close, Opcode
 from websockets.uri import parse_uri
 from websockets.sync.client import ClientConnection, connect
 
@@ -138,10 +137,6 @@ class SansIOClient:
             if data:  # b"" would mean end of stream
                 self.websocket.dataReceived(data)
 
-    def send_binary(self, data: bytes) -> None:
-        self.peer.send_binary(data)
-        self.send_pending()
-
     def received(self) -> list[Any]:
         """What the client made of the bytes the server wrote since the last call."""
         self.peer.receive_data(self.stream.value())
@@ -171,6 +166,8 @@ class RecordingRelayProtocol(RelayProtocol):
 
 
 class RecordingRelayFactory(RelayFactory):
+    """Builds ``RecordingRelayProtocol``s."""
+
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RecordingRelayProtocol(self)
 
