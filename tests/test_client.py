@@ -15,14 +15,17 @@ import trustme
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, endpoints, error, reactor, ssl, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from websockets.frames import Close, Opcode
+from websockets.server import ServerProtocol
 from zope.interface import implementer
 
+from relay import wsmapping
 from relay.client import (
     HELLO_TIMEOUT_SECONDS,
     MISSED_HEARTBEATS,
@@ -34,7 +37,7 @@ from relay.client import (
     build_endpoint,
     connect,
 )
-from relay.client.websocket import WebSocketStreamTransport
+from relay.client.websocket import WebSocketClientEndpoint
 from relay.server.factory import RelayFactory
 from relay.wire import (
     MAX_ENVELOPE,
@@ -270,24 +273,87 @@ class EndpointTests(unittest.TestCase):
         self.assertIsInstance(endpoint, endpoints.TCP4ClientEndpoint)
 
 
-class FakeWebSocket:
-    """Just enough of autobahn's protocol for WebSocketStreamTransport."""
-
-    state = "open"
+@implementer(IStreamClientEndpoint)
+class StringTransportEndpoint:
+    """Connects a factory's protocol to a StringTransport the test reads and feeds."""
 
     def __init__(self) -> None:
         self.transport = StringTransport()
+        self.protocol: Any = None
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        return defer.succeed(self.protocol)
 
 
 class WebSocketStreamTransportTests(unittest.TestCase):
+    """The client adapter over a real autobahn protocol, with the
+    ``websockets`` sans-IO server as the peer, byte for byte."""
+
+    def setUp(self) -> None:
+        self.inner = StringTransportEndpoint()
+        endpoint = WebSocketClientEndpoint(
+            reactor, self.inner, "ws://relay.example/relay", wsmapping.SUBPROTOCOL
+        )
+        opening = endpoint.connect(Factory.forProtocol(Protocol))
+        self.peer = ServerProtocol(subprotocols=[wsmapping.SUBPROTOCOL])
+        [request] = self.peer_events()
+        self.peer.send_response(self.peer.accept(request))
+        self.to_client()
+        self.wrapped = self.successResultOf(opening)
+        # Ends autobahn's timers, which run on the global reactor.
+        self.addCleanup(self.inner.protocol.connectionLost, Failure(error.ConnectionDone()))
+
+    def peer_events(self) -> list[Any]:
+        """What the server peer made of the bytes the client wrote."""
+        self.peer.receive_data(self.inner.transport.value())
+        self.inner.transport.clear()
+        return self.peer.events_received()
+
+    def to_client(self) -> None:
+        for data in self.peer.data_to_send():
+            self.inner.protocol.dataReceived(data)
+
+    def test_write_sequence_sends_each_element_as_a_message_of_its_own(self) -> None:
+        first = encode(MessageType.HEARTBEAT, 0, b"a")
+        second = encode(MessageType.HEARTBEAT, 0, b"b")
+        self.wrapped.transport.writeSequence([first, second])
+        messages = [(frame.opcode, frame.data) for frame in self.peer_events()]
+        self.assertEqual(messages, [(Opcode.BINARY, first), (Opcode.BINARY, second)])
+
+    def test_writes_after_lose_connection_are_dropped(self) -> None:
+        self.wrapped.transport.loseConnection()
+        self.wrapped.transport.write(encode(MessageType.HEARTBEAT, 0, b"late"))
+        [close] = self.peer_events()
+        self.assertEqual(close.opcode, Opcode.CLOSE)
+        self.assertEqual(Close.parse(close.data).code, wsmapping.CloseCode.NORMAL)
+        self.to_client()  # the peer's reply completes the closing handshake
+
+    def test_text_message_from_the_server_is_refused_with_1003(self) -> None:
+        self.peer.send_text(b"hello")
+        self.to_client()
+        [close] = self.peer_events()
+        self.assertEqual(
+            Close.parse(close.data),
+            Close(wsmapping.CloseCode.UNSUPPORTED_DATA, wsmapping.TEXT_REFUSED),
+        )
+        self.to_client()
+
+    def test_abort_drops_the_socket_at_once_without_a_close_frame(self) -> None:
+        self.wrapped.transport.registerProducer(RecordingProducer(), True)
+        self.wrapped.transport.abortConnection()
+        self.wrapped.transport.write(encode(MessageType.HEARTBEAT, 0, b"late"))
+        self.assertTrue(self.inner.transport.disconnected)
+        self.assertIsNone(self.inner.transport.producer)
+        self.assertEqual(self.inner.transport.value(), b"")
+
     def test_producers_are_registered_on_the_socket_underneath(self) -> None:
-        websocket = FakeWebSocket()
-        stream = WebSocketStreamTransport(websocket)
         producer = RecordingProducer()
-        stream.registerProducer(producer, True)
-        self.assertIs(websocket.transport.producer, producer)
-        stream.unregisterProducer()
-        self.assertIsNone(websocket.transport.producer)
+        self.wrapped.transport.registerProducer(producer, True)
+        self.assertIs(self.inner.transport.producer, producer)
+        self.wrapped.transport.unregisterProducer()
+        self.assertIsNone(self.inner.transport.producer)
 
 
 # Integration tests against the real server.

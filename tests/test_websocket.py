@@ -13,20 +13,38 @@ from contextlib import ExitStack
 from typing import Any
 
 import trustme
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, error, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
+from twisted.web.http import HTTPChannel
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.uri import parse_uri
 from websockets.sync.client import ClientConnection, connect
 
+from relay import wsmapping
+from relay.client import connect as connect_relay
 from relay.server import tls, websocket
-from relay.server.protocol import State
+from relay.server.protocol import RelayProtocol, State
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.tap import Options, makeService
-from relay.wire import Decoder, ErrorCode, Flags, Frame, MessageType, encode, encode_json, loads
+from relay.wire import (
+    MAX_ENVELOPE,
+    Decoder,
+    ErrorCode,
+    Flags,
+    Frame,
+    MessageType,
+    encode,
+    encode_json,
+    loads,
+)
 from tests.support import FrameClient, connect_frame_client
 
 TIMEOUT = 10.0
@@ -86,14 +104,134 @@ class WebSocketClient:
         return deferToThread(self._stack.close)
 
 
+class SansIOClient:
+    """The ``websockets`` sans-IO client against the real site, over a StringTransport.
+
+    The bytes go through twisted.web's HTTP channel and autobahn as they
+    would from a socket, so a test sees exactly what the server wrote.
+    """
+
+    def __init__(self, site: Any) -> None:
+        self.stream = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self._lost = False
+        channel = site.buildProtocol(self.stream.getPeer())
+        # As on a socket, the stream names its protocol; the upgrade replaces it.
+        self.stream.protocol = channel
+        channel.makeConnection(self.stream)
+        self.producer_before_upgrade = self.stream.producer
+        self.peer = ClientProtocol(
+            parse_uri("ws://127.0.0.1/relay"), subprotocols=[wsmapping.SUBPROTOCOL]
+        )
+        self.peer.send_request(self.peer.connect())
+        self.send_pending()
+        [response] = self.received()
+        assert response.status_code == 101, response
+
+    @property
+    def websocket(self) -> Any:
+        """The server's WebSocket protocol, once the upgrade took the stream over."""
+        return self.stream.protocol
+
+    def send_pending(self) -> None:
+        for data in self.peer.data_to_send():
+            if data:  # b"" would mean end of stream
+                self.websocket.dataReceived(data)
+
+    def received(self) -> list[Any]:
+        """What the client made of the bytes the server wrote since the last call."""
+        self.peer.receive_data(self.stream.value())
+        self.stream.clear()
+        return self.peer.events_received()
+
+    def lose(self, reason: Exception) -> None:
+        """The stream ends, once, as a socket's would even after an abort.
+
+        This also ends autobahn's timers, which run on the global reactor.
+        """
+        if not self._lost:
+            self._lost = True
+            self.websocket.connectionLost(Failure(reason))
+
+
+class RecordingRelayProtocol(RelayProtocol):
+    """A RelayProtocol that keeps the reasons it was given in ``connectionLost``."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        super().__init__(factory)
+        self.lost_with: list[Any] = []
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost_with.append(reason)
+        super().connectionLost(reason)
+
+
+class RecordingRelayFactory(RelayFactory):
+    """Builds ``RecordingRelayProtocol``s."""
+
+    def buildProtocol(self, addr: Any) -> RelayProtocol:
+        return RecordingRelayProtocol(self)
+
+
+class ServerAdapterUnitTests(unittest.TestCase):
+    """The server adapter, byte for byte, with the relay factory on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.factory = RecordingRelayFactory(RelayConfig(), reactor=self.clock)
+        self.site = websocket.make_site(self.factory)
+
+    def open(self) -> tuple[SansIOClient, Any]:
+        """A client through the upgrade, and its relay connection."""
+        client = SansIOClient(self.site)
+        self.addCleanup(client.lose, error.ConnectionDone())
+        (relay,) = self.factory.connections
+        return client, relay
+
+    def test_relay_connection_replaces_the_http_channel_as_the_streams_producer(self) -> None:
+        client, relay = self.open()
+        # twisted.web registered the channel that read the upgrade request.
+        self.assertIsInstance(client.producer_before_upgrade, HTTPChannel)
+        self.assertIs(client.stream.producer, relay)
+        self.assertTrue(client.stream.streaming)
+        client.stream.producer.pauseProducing()
+        self.assertIs(relay.state, State.DRAINING)
+        client.stream.producer.resumeProducing()
+        self.assertIs(relay.state, State.OPEN)
+
+    def test_relay_connection_is_lost_with_the_streams_own_failure(self) -> None:
+        for reason in (error.ConnectionDone(), error.ConnectionLost(), error.ConnectionAborted()):
+            client, relay = self.open()
+            client.lose(reason)
+            self.assertIs(relay.state, State.CLOSED)
+            [failure] = relay.lost_with
+            self.assertIs(failure.value, reason)
+
+    def test_idle_http_connection_closes_on_the_relay_factorys_clock(self) -> None:
+        stream = StringTransport()
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(stream)
+        self.addCleanup(channel.connectionLost, Failure(error.ConnectionDone()))
+        self.clock.advance(self.factory.config.idle_timeout)
+        self.assertTrue(stream.disconnecting)
+
+    def test_abort_closes_the_websocket_at_once(self) -> None:
+        client, relay = self.open()
+        relay.transport.abortConnection()
+        relay.transport.write(encode(MessageType.HEARTBEAT, 0, b"late"))
+        relay.transport.loseConnection()
+        self.assertTrue(client.stream.disconnected)
+        self.assertEqual(client.received(), [])
+
+
 class WebSocketTestCase(unittest.TestCase):
     """A Relay factory behind a WebSocket site and a plain TCP listener."""
 
     config: dict[str, Any] = {}
     allowed_origins: tuple[str, ...] = ("*",)
+    factory_class = RelayFactory
 
     async def setUp(self) -> None:
-        self.factory = RelayFactory(RelayConfig(**self.config), reactor=reactor)
+        self.factory = self.factory_class(RelayConfig(**self.config), reactor=reactor)
         site = websocket.make_site(self.factory, self.allowed_origins)
         self.http_port = await self.listen(site)
         self.tcp_port = await self.listen(self.factory)
@@ -187,13 +325,15 @@ class LimitTests(WebSocketTestCase):
     async def test_text_message_closed_with_1003_and_a_reason(self) -> None:
         client = await self.connect_ws()
         await client.send("hello")
-        self.assertEqual(await client.closed_with(), (1003, websocket.TEXT_REFUSED))
+        self.assertEqual(
+            await client.closed_with(), (wsmapping.CloseCode.UNSUPPORTED_DATA, wsmapping.TEXT_REFUSED)
+        )
 
     async def test_message_larger_than_one_full_frame_closed_with_1009(self) -> None:
         client = await self.connect_ws()
-        await client.send(bytes(websocket.max_message_size(1024) + 1))
+        await client.send(bytes(wsmapping.max_message_size(1024) + 1))
         code, _ = await client.closed_with()
-        self.assertEqual(code, 1009)
+        self.assertEqual(code, wsmapping.CloseCode.MESSAGE_TOO_BIG)
 
     async def test_message_of_one_full_frame_accepted(self) -> None:
         client = await self.connect_ws()
@@ -201,21 +341,91 @@ class LimitTests(WebSocketTestCase):
         await client.send(encode(MessageType.HEARTBEAT, Flags.BINARY, payload))
         self.assertEqual((await client.next_frame()).payload, payload)
 
+    async def test_delivery_of_a_full_frame_reaches_a_websocket_member(self) -> None:
+        member = await self.connect_ws()
+        await member.request(MessageType.JOIN_ROOM, {"room": "big"})
+        publisher = await self.connect_tcp()
+        await publisher.join("big")
+        frame = full_message_frame("big", 1024, "full")
+        publisher.send(frame)
+        type_, body = await member.next_json()
+        self.assertEqual((type_, body["content"]), (MessageType.MESSAGE, loads(frame[7:])["content"]))
+        # The publisher's connection is untouched by the bigger delivery.
+        publisher.send_frame(MessageType.HEARTBEAT)
+        self.assertEqual((await publisher.next_frame()).type, MessageType.HEARTBEAT)
+
     async def test_oversize_frame_header_gets_frame_too_large(self) -> None:
         client = await self.connect_ws()
         await client.send(struct.pack("!IBBB", 1025, 1, MessageType.MESSAGE, 0))
         type_, body = await client.next_json()
         self.assertEqual((type_, body["code"], body["fatal"]), (MessageType.ERROR, ErrorCode.FRAME_TOO_LARGE, True))
-        self.assertEqual(await client.closed_with(), (1000, ""))
+        self.assertEqual(await client.closed_with(), (wsmapping.CloseCode.NORMAL, ""))
 
     def test_limits_follow_the_relay_config(self) -> None:
         factory = websocket.RelayWebSocketFactory(
             RelayFactory(RelayConfig(max_frame_size=1000, idle_timeout=40), reactor=reactor)
         )
-        self.assertEqual(factory.maxMessagePayloadSize, 1004)
-        self.assertEqual(factory.maxFramePayloadSize, 1004)
+        # The largest delivery: a full frame, the envelope and the length prefix.
+        self.assertEqual(factory.maxMessagePayloadSize, 1000 + MAX_ENVELOPE + 4)
+        self.assertEqual(factory.maxFramePayloadSize, 1000 + MAX_ENVELOPE + 4)
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (20, 20))
         self.assertEqual(factory.openHandshakeTimeout, websocket.OPEN_HANDSHAKE_TIMEOUT)
+
+
+class ConnectionLostTests(WebSocketTestCase):
+    """The relay connection learns how its WebSocket ended, as on TCP."""
+
+    factory_class = RecordingRelayFactory
+
+    async def hello(self, user_id: str) -> tuple[WebSocketClient, Any]:
+        client = await self.connect_ws()
+        await client.request(MessageType.HELLO, {"userId": user_id})
+        return client, self.server_side(user_id)
+
+    async def test_clean_close_by_the_client_ends_it_with_connection_done(self) -> None:
+        client, relay = await self.hello("leaving")
+        await client.close()
+        await self.factory.wait_closed()
+        [failure] = relay.lost_with
+        self.assertIsInstance(failure, Failure)
+        self.assertIsInstance(failure.value, error.ConnectionDone)
+
+    async def test_abort_ends_it_with_connection_aborted(self) -> None:
+        client, relay = await self.hello("aborted")
+        relay.transport.abortConnection()
+        await self.factory.wait_closed()
+        [failure] = relay.lost_with
+        self.assertIsInstance(failure.value, error.ConnectionAborted)
+        self.assertEqual(await client.closed_with(), (None, None))
+
+
+class ClientAdapterTests(WebSocketTestCase):
+    """The client library's WebSocket adapter against the real server."""
+
+    config = {"max_frame_size": 1024}
+
+    async def test_write_sequence_of_full_frames_is_sent_message_by_message(self) -> None:
+        web = await connect_relay(reactor, self.url, user="web")
+        self.addCleanup(web.disconnect)
+        await web.join("r")
+        listener = await self.connect_tcp()
+        await listener.join("r")
+        frames = [full_message_frame("r", 1024, str(number)) for number in range(2)]
+        # Joined into one message, the two would pass the server's limit.
+        self.assertGreater(sum(map(len, frames)), wsmapping.max_message_size(1024))
+        web.transport.writeSequence(frames)
+        self.assertGreaterEqual(await web.heartbeat(), 0)
+        contents = [(await listener.next_json())[1]["content"] for _ in frames]
+        self.assertEqual([content[0] for content in contents], ["0", "1"])
+
+
+def full_message_frame(room: str, max_frame_size: int, tag: str) -> bytes:
+    """A JSON MESSAGE frame to ``room`` whose length is exactly ``max_frame_size``."""
+    body = {"room": room, "content": tag}
+    padding = max_frame_size - len(encode_json(MessageType.MESSAGE, body)) + 4
+    frame = encode_json(MessageType.MESSAGE, {"room": room, "content": tag + "x" * padding})
+    assert len(frame) == 4 + max_frame_size, len(frame)
+    return frame
 
 
 class OriginTests(WebSocketTestCase):

@@ -24,11 +24,10 @@ from zope.interface import implementer
 
 from relay.client.protocol import RelayClientFactory, RelayClientProtocol
 from relay.pem import load_certificates, load_private_certificate
+from relay.wsmapping import PATH as WEBSOCKET_PATH, SUBPROTOCOL as WEBSOCKET_SUBPROTOCOL
 
 # How long one TCP connection attempt may take (Twisted's default too).
 CONNECT_TIMEOUT_SECONDS = 30.0
-WEBSOCKET_SUBPROTOCOL = "relay.v1"
-WEBSOCKET_PATH = "/relay"
 WEBSOCKET_DEFAULT_PORTS = {"ws": 80, "wss": 443}
 # Relay's own client TLS endpoint prefix (Twisted's tls: cannot trust a PEM bundle file).
 TLS_PREFIX = "relay-tls"

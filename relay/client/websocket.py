@@ -1,9 +1,13 @@
 """Relay over WebSocket, client side: an endpoint that yields a stream protocol.
 
-Binary WebSocket messages carry Relay frame bytes.  The wrapped protocol sees
-an ordinary stream transport, with what autobahn's own wrapping adapter lacks:
-producer registration that reaches the TCP socket (so backpressure works),
-``abortConnection``, and a real ``Failure`` in ``connectionLost``.
+Messages follow the mapping in ``relay.wsmapping``, shared with the server
+adapter: every write, and every element of ``writeSequence``, is a binary
+message of its own, and the bytes of every binary message the server sends
+go to the wrapped protocol's ``dataReceived``.  The wrapped protocol sees an
+ordinary stream transport: producers are registered on the socket under the
+WebSocket (so backpressure works), the transport is itself a push producer
+(pausing it pauses reading), ``abortConnection`` drops the connection, and
+``connectionLost`` gets a ``Failure`` that says how the WebSocket closed.
 """
 
 from __future__ import annotations
@@ -11,66 +15,23 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer, error
-from twisted.internet.interfaces import (
-    IConsumer,
-    IPushProducer,
-    IStreamClientEndpoint,
-    ITransport,
-)
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-# RFC 6455 close codes.
-CLOSE_NORMAL = 1000
-CLOSE_UNSUPPORTED_DATA = 1003
+from relay.wsmapping import BinaryMessageTransport, refuse_text
 
 
-@implementer(ITransport, IConsumer, IPushProducer)
-class WebSocketStreamTransport:
+@implementer(IPushProducer)
+class WebSocketStreamTransport(BinaryMessageTransport):
     """The stream transport a wrapped protocol sees over one WebSocket."""
 
-    def __init__(self, websocket: WebSocketClientProtocol) -> None:
-        self._websocket = websocket
-
-    @property
-    def _open(self) -> bool:
-        return self._websocket.state == WebSocketProtocol.STATE_OPEN
-
-    def write(self, data: bytes) -> None:
-        if self._open:  # like a TCP transport, drop writes once closing
-            self._websocket.sendMessage(data, isBinary=True)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        if self._open:
-            self._websocket.sendClose(CLOSE_NORMAL)
-
-    def abortConnection(self) -> None:
-        self._websocket.dropConnection(abort=True)
-
-    def getPeer(self) -> Any:
-        return self._websocket.transport.getPeer()
-
-    def getHost(self) -> Any:
-        return self._websocket.transport.getHost()
-
-    # Producers go to the socket underneath, where the buffer really fills.
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._websocket.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._websocket.transport.unregisterProducer()
-
     def pauseProducing(self) -> None:
-        self._websocket.transport.pauseProducing()
+        self.stream.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._websocket.transport.resumeProducing()
+        self.stream.resumeProducing()
 
     def stopProducing(self) -> None:
         self.abortConnection()
@@ -89,8 +50,7 @@ class _StreamOverWebSocket(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            # sendClose only takes application codes; 1003 is a protocol code.
-            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"Relay frames travel in binary messages")
+            refuse_text(self)
             return
         if self.wrapped is not None:
             self.wrapped.dataReceived(payload)

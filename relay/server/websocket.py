@@ -3,15 +3,29 @@
 ``/relay`` upgrades to WebSocket (autobahn) and runs an unchanged
 ``RelayProtocol`` on top; ``/`` serves ``relay/server/static/index.html``.
 
-Binary WebSocket messages carry Relay frame bytes as a byte stream: the bytes
-of every message go to ``RelayProtocol.dataReceived``, so a frame may be split
-across messages and several frames may share one.  Towards the client, each
-frame is a message of its own (``IMessageTransport``).
+Messages follow the mapping in ``relay.wsmapping``, shared with the client
+adapter: the bytes of every binary message go to
+``RelayProtocol.dataReceived``, so a frame may be split across messages and
+several frames may share one; towards the client, each frame is a message of
+its own (the transport provides ``IMessageTransport``, so the protocol hands
+it frames one by one).
 
 Backpressure works as on TCP: the relay connection is registered as the push
-producer of the socket underneath the WebSocket, so it is paused (DRAINING)
-when that socket's buffer fills.  autobahn's own wrapping adapter cannot do
-this, which is why Relay has its own.
+producer of the socket under the WebSocket, so it is paused (DRAINING) when
+that socket's buffer fills.  The HTTP channel that read the upgrade request
+registered itself as that socket's producer, and the registration outlives
+autobahn's takeover of the socket, so it is released when the WebSocket
+opens, just before the relay connection registers itself.
+
+Why not a subclass of autobahn's ``WrappingWebSocketServerProtocol``: it does
+forward producer registration to the socket (``WebSocketAdapterProtocol``
+provides it), but it calls ``connectionLost(None)`` from ``onClose``, has no
+``abortConnection``, raises from ``write`` once the closing handshake has
+begun, refuses clients that offer no subprotocol it knows, has a base64 text
+mode where Relay refuses text, and builds the wrapped protocol before the
+handshake is accepted, so a refused handshake would end a relay connection
+that never opened.  A subclass would override every method it has and reach
+into its private ``_proto`` and ``_binaryMode``; this adapter is smaller.
 """
 
 from __future__ import annotations
@@ -21,9 +35,9 @@ from typing import Any, Iterable, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.interfaces import IConsumer, ISSLTransport, ITransport
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -32,16 +46,16 @@ from zope.interface import implementer
 
 from relay.server.factory import RelayFactory
 from relay.server.protocol import IMessageTransport, RelayProtocol
-from relay.wire import LENGTH_SIZE
+from relay.wsmapping import (
+    ACCEPTED_SUBPROTOCOLS,
+    PATH,
+    BinaryMessageTransport,
+    max_message_size,
+    refuse_text,
+)
 
 log = Logger()
 
-PATH = b"relay"
-# Offered by clients, in our order of preference.
-SUBPROTOCOLS = ("relay.v1", "binary")
-TEXT_REFUSED = "Relay speaks binary WebSocket messages only"
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_NORMAL = 1000
 # A client gets this long to finish the HTTP upgrade.
 OPEN_HANDSHAKE_TIMEOUT = 10.0
 
@@ -65,63 +79,19 @@ def origin_patterns(origins: Iterable[str]) -> list[str]:
     return patterns
 
 
-def max_message_size(max_frame_size: int) -> int:
-    """The largest WebSocket message accepted: one frame of the largest
-    length plus its length prefix."""
-    return max_frame_size + LENGTH_SIZE
-
-
-@implementer(IMessageTransport, ITransport, IConsumer)
-class MessageTransport:
+@implementer(IMessageTransport)
+class MessageTransport(BinaryMessageTransport):
     """The transport a ``RelayProtocol`` sees on a WebSocket connection.
 
-    Writes become binary messages, one per frame; producer registration,
-    aborts and addresses go to the stream under the WebSocket.
+    Writes become binary messages, one per frame (``relay.wsmapping``);
+    a wss connection also shows its client certificate.
     """
-
-    def __init__(self, websocket: RelayWebSocketProtocol) -> None:
-        self._websocket = websocket
-
-    @property
-    def _stream(self) -> Any:
-        return self._websocket.transport
-
-    def _is_open(self) -> bool:
-        return self._websocket.state == WebSocketProtocol.STATE_OPEN
-
-    def write(self, data: bytes) -> None:
-        # Like a TCP transport after loseConnection, drop late writes
-        # instead of raising in the middle of a broadcast.
-        if self._is_open():
-            self._websocket.sendMessage(data, isBinary=True)
-
-    def writeSequence(self, frames: Iterable[bytes]) -> None:
-        for frame in frames:
-            self.write(frame)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._stream.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._stream.unregisterProducer()
-
-    def loseConnection(self) -> None:
-        if self._is_open():
-            self._websocket.sendClose(CLOSE_NORMAL)
-
-    def abortConnection(self) -> None:
-        self._stream.abortConnection()
-
-    def getPeer(self) -> Any:
-        return self._stream.getPeer()
-
-    def getHost(self) -> Any:
-        return self._stream.getHost()
 
     def getPeerCertificate(self) -> Any:
         """The client certificate of a wss connection with mutual TLS."""
-        if ISSLTransport.providedBy(self._stream):
-            return self._stream.getPeerCertificate()
+        stream = self.stream
+        if ISSLTransport.providedBy(stream):
+            return stream.getPeerCertificate()
         return None
 
 
@@ -133,18 +103,17 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # A client that offers no subprotocol is served anyway: refusing it
         # would only make hand-written clients harder to get right.
-        for subprotocol in SUBPROTOCOLS:
+        for subprotocol in ACCEPTED_SUBPROTOCOLS:
             if subprotocol in request.protocols:
                 return subprotocol
         return None
 
     def onOpen(self) -> None:
         stream = self.transport
-        # twisted.web's HTTP channel registered itself as the stream's
-        # producer; the stream belongs to the relay connection now.
+        # Release the HTTP channel's registration (see the module docstring):
+        # the relay connection is the stream's producer from now on.
         stream.unregisterProducer()
-        relay_factory = self.factory.relay_factory
-        self.relay = relay_factory.buildProtocol(stream.getPeer())
+        self.relay = self.factory.relay_factory.buildProtocol(stream.getPeer())
         self.relay.makeConnection(MessageTransport(self))
         if ISSLTransport.providedBy(stream):
             # The TLS handshake finished before the upgrade request arrived.
@@ -152,22 +121,24 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Once either side has sent a close frame, later messages are moot.
-        if self.relay is None or self.state != WebSocketProtocol.STATE_OPEN:
+        if self.relay is None or self.state != self.STATE_OPEN:
             return
         if not isBinary:
             log.info(
                 "{conn} sent a text WebSocket message; closing",
                 conn=self.relay.connection_id,
             )
-            # sendClose only takes application codes; 1003 is a protocol code.
-            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, TEXT_REFUSED.encode("utf-8"))
+            refuse_text(self)
             return
         self.relay.dataReceived(payload)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        if self.relay is not None:
-            self.relay.connectionLost(reason)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            # The stream's own Failure (ConnectionDone after a clean close,
+            # ConnectionAborted after an abort), as on TCP.
+            relay.connectionLost(reason)
 
 
 class RelayWebSocketFactory(WebSocketServerFactory):
@@ -223,5 +194,6 @@ def make_site(relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*"
     root = Resource()
     root.putChild(b"", DemoPage(demo_page()))
     ws_factory = RelayWebSocketFactory(relay_factory, allowed_origins)
-    root.putChild(PATH, WebSocketResource(ws_factory))
-    return Site(root, timeout=relay_factory.config.idle_timeout)
+    root.putChild(PATH.lstrip("/").encode("ascii"), WebSocketResource(ws_factory))
+    # Idle HTTP connections time out on the relay's reactor, like relay connections.
+    return Site(root, timeout=relay_factory.config.idle_timeout, reactor=relay_factory.reactor)
