@@ -1,15 +1,82 @@
-"""Shared pieces for the integration tests: a real server on loopback and a
-raw frame client that speaks Relay v1 through the project's codec."""
+"""Shared pieces for the server tests.
+
+A RelayProtocol on a StringTransport for unit tests; a real server on
+loopback and a raw frame client that speaks Relay v1 through the project's
+codec for integration tests.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.protocol import RelayProtocol
 from relay.wire import Decoder, Flags, Frame, MessageType, encode, encode_json, loads
+
+
+def permissive_decoder() -> Decoder:
+    """A decoder for reading what a server sends: any type, any length.
+
+    Deliveries may exceed the frame limit by the envelope, and a test may
+    want to see a type the server should never send.
+    """
+    return Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+
+
+class StringConnection:
+    """One server-side RelayProtocol on a StringTransport, and what its
+    client has received so far.
+
+    Build the factory on a ``task.Clock`` so the test moves time itself.
+    Pass ``transport`` for a StringTransport that records more.
+    """
+
+    def __init__(self, factory: RelayFactory, transport: StringTransport | None = None) -> None:
+        self.transport = StringTransport() if transport is None else transport
+        self.protocol: RelayProtocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        self._decoder = permissive_decoder()
+
+    def send(self, data: bytes) -> None:
+        """Deliver ``data`` to the server as one read."""
+        self.protocol.dataReceived(data)
+
+    def send_json(self, type_: MessageType, body: Any) -> None:
+        self.send(encode_json(type_, body))
+
+    def received(self) -> list[Frame]:
+        """Frames written since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return list(self._decoder.feed(data))
+
+    def replies(self) -> list[tuple[int, Any]]:
+        """``received()`` as (type, body): JSON payloads decoded, others raw."""
+        return [
+            (f.type, loads(f.payload) if f.flags & Flags.JSON else f.payload)
+            for f in self.received()
+        ]
+
+    def only_reply(self) -> tuple[int, Any]:
+        (reply,) = self.replies()
+        return reply
+
+    def contents(self) -> list[Any]:
+        """The content of each JSON MESSAGE received since the last call."""
+        return [
+            loads(frame.payload)["content"]
+            for frame in self.received()
+            if frame.type == MessageType.MESSAGE
+        ]
+
+    @property
+    def closing(self) -> bool:
+        """The server has asked the transport to close."""
+        return self.transport.disconnecting
 
 
 class FrameClient(protocol.Protocol):
@@ -19,8 +86,7 @@ class FrameClient(protocol.Protocol):
     """
 
     def __init__(self) -> None:
-        # Deliveries may exceed the frame limit by the envelope.
-        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+        self._decoder = permissive_decoder()
         self.frames: list[Frame] = []
         self._taken = 0
         self._waiters: list[defer.Deferred[Frame]] = []

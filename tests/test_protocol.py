@@ -6,14 +6,12 @@ import struct
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from relay.server.protocol import CLOSE_GRACE_SECONDS, RelayProtocol, State
+from relay.server.protocol import CLOSE_GRACE_SECONDS, State
 from relay.server.factory import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
 from relay.wire import (
-    Decoder,
     ErrorCode,
     Flags,
     Frame,
@@ -22,44 +20,9 @@ from relay.wire import (
     encode,
     encode_binary_message,
     encode_json,
-    loads,
 )
 
-
-class Peer:
-    """One server-side connection and what its client has received so far."""
-
-    def __init__(self, factory: RelayFactory) -> None:
-        self.transport = StringTransport()
-        self.protocol: RelayProtocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def send_json(self, type_: MessageType, body: Any) -> None:
-        self.send(encode_json(type_, body))
-
-    def received(self) -> list[Frame]:
-        """Frames written since the last call."""
-        data = self.transport.value()
-        self.transport.clear()
-        return list(self._decoder.feed(data))
-
-    def replies(self) -> list[tuple[int, Any]]:
-        return [
-            (f.type, loads(f.payload) if f.flags & Flags.JSON else f.payload)
-            for f in self.received()
-        ]
-
-    def only_reply(self) -> tuple[int, Any]:
-        (reply,) = self.replies()
-        return reply
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
+from tests.support import StringConnection
 
 
 class ProtocolTestCase(unittest.TestCase):
@@ -70,15 +33,15 @@ class ProtocolTestCase(unittest.TestCase):
         self.clock.advance(1_700_000_000)
         self.factory = RelayFactory(self.config, reactor=self.clock)
 
-    def peer(self, **hello: Any) -> Peer:
-        peer = Peer(self.factory)
+    def peer(self, **hello: Any) -> StringConnection:
+        peer = StringConnection(self.factory)
         if hello:
             peer.send_json(MessageType.HELLO, hello)
             type_, body = peer.only_reply()
             self.assertEqual(type_, MessageType.HELLO, body)
         return peer
 
-    def joined(self, room: str = "lobby", **hello: Any) -> Peer:
+    def joined(self, room: str = "lobby", **hello: Any) -> StringConnection:
         peer = self.peer(**hello)
         peer.send_json(MessageType.JOIN_ROOM, {"room": room})
         self.assertEqual(peer.only_reply()[1]["status"], "joined")
@@ -360,7 +323,7 @@ class MessageTests(ProtocolTestCase):
 
     def test_delivery_larger_than_the_envelope_allows_is_refused(self) -> None:
         factory = RelayFactory(RelayConfig(max_frame_size=1000), reactor=self.clock)
-        alice, bob = Peer(factory), Peer(factory)
+        alice, bob = StringConnection(factory), StringConnection(factory)
         for peer in (alice, bob):
             peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
             peer.received()
@@ -408,7 +371,7 @@ class HeartbeatTests(ProtocolTestCase):
 class FatalErrorTests(ProtocolTestCase):
     HEARTBEAT = encode(MessageType.HEARTBEAT)
 
-    def assert_fatal(self, violation: bytes, code: ErrorCode) -> Peer:
+    def assert_fatal(self, violation: bytes, code: ErrorCode) -> StringConnection:
         peer = self.joined("r")
         # A heartbeat before the violation is answered; one after it is not.
         peer.send(self.HEARTBEAT + violation + self.HEARTBEAT)
@@ -461,7 +424,7 @@ class FatalErrorTests(ProtocolTestCase):
 
     def test_too_many_connections(self) -> None:
         factory = RelayFactory(RelayConfig(max_connections=1), reactor=self.clock)
-        first, second = Peer(factory), Peer(factory)
+        first, second = StringConnection(factory), StringConnection(factory)
         self.assertFalse(first.closing)
         self.assert_error(second.only_reply(), ErrorCode.TOO_MANY_CONNECTIONS)
         self.assertTrue(second.closing)
@@ -551,14 +514,14 @@ class LifecycleTests(ProtocolTestCase):
         for debug, expected in ((False, 0), (True, 2)):
             factory = RelayFactory(RelayConfig(debug=debug), reactor=self.clock)
             with capturedLogs() as events:
-                peer = Peer(factory)
+                peer = StringConnection(factory)
                 peer.protocol.pauseProducing()
             transitions = [e for e in events if "state" in e["log_format"]]
             self.assertEqual(len(transitions), expected)
 
     def test_debug_logs_every_frame_in_and_out(self) -> None:
         factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
-        peer = Peer(factory)
+        peer = StringConnection(factory)
         with capturedLogs() as events:
             peer.send(encode(MessageType.HEARTBEAT, Flags.BINARY, b"abc"))
         traces = [e for e in events if e.get("direction")]
