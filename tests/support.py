@@ -155,19 +155,33 @@ class FrameClient(protocol.Protocol):
 class LoopbackServerMixin:
     """Runs a RelayFactory on a real loopback TCP port for one test."""
 
-    def start_server(self: Any, **config: Any) -> RelayFactory:
-        self.factory = RelayFactory(RelayConfig(**config), reactor=reactor)
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        d = endpoint.listen(self.factory)
+    def start_server(self: Any, **config: Any) -> defer.Deferred[RelayFactory]:
+        return self._serve(0, config)
+
+    async def restart_server(self: Any, **config: Any) -> RelayFactory:
+        """Shut the server down as an operator would, then serve a fresh
+        factory on the same port number.
+
+        Its clients are sent SERVER_SHUTDOWN and closed first; rooms do not
+        survive.  ``self.factory`` and ``self.port`` become the new ones.
+        """
+        port_number = self.port.getHost().port
+        await self.port.stopListening()
+        await self.factory.shutdown()
+        return await self._serve(port_number, config)
+
+    def _serve(self: Any, port_number: int, config: dict[str, Any]) -> defer.Deferred[RelayFactory]:
+        factory = RelayFactory(RelayConfig(**config), reactor=reactor)
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port_number, interface="127.0.0.1")
 
         def listening(port: Any) -> RelayFactory:
-            self.port = port
+            self.factory, self.port = factory, port
             self.addCleanup(port.stopListening)
             # Runs after the clients' cleanups: wait for the server side too.
-            self.addCleanup(self.factory.wait_closed)
-            return self.factory
+            self.addCleanup(factory.wait_closed)
+            return factory
 
-        return d.addCallback(listening)
+        return endpoint.listen(factory).addCallback(listening)
 
     async def connect(self: Any) -> FrameClient:
         return await connect_frame_client(self, self.port)

@@ -162,5 +162,24 @@ class AbruptDisconnectTests(IntegrationTestCase):
         self.assertEqual((await stayer.next_json())[1]["content"], "still here")
 
 
+class RestartTests(IntegrationTestCase):
+    async def test_restart_on_the_same_port_tells_clients_then_serves_afresh(self) -> None:
+        old = await self.connect()
+        await old.hello(userId="old")
+        await old.join("lobby")
+        port_number = self.port.getHost().port
+        # The old server's side of the connection closes first: the new
+        # listener must bind while that socket is still in TIME_WAIT.
+        await self.restart_server()
+        type_, body = await old.next_json()
+        self.assertEqual((type_, body["code"], body["fatal"]), (MessageType.ERROR, "SERVER_SHUTDOWN", True))
+        await old.closed
+        self.assertEqual(self.port.getHost().port, port_number)
+        new = await self.connect()
+        await new.hello(userId="new")
+        # Rooms do not survive a restart.
+        self.assertEqual((await new.join("lobby"))["members"], 1)
+
+
 def deferLater(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
