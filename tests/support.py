@@ -7,9 +7,9 @@ codec for integration tests.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -193,6 +193,19 @@ async def connect_frame_client(test: unittest.TestCase, port: Any) -> FrameClien
     client = await endpoints.connectProtocol(endpoint, FrameClient())
     test.addCleanup(_disconnect, client)
     return client
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Let the reactor run until ``condition()`` holds; fail after ``timeout`` s.
+
+    For server-side effects no client can observe in order, such as noticing
+    a reset connection.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not true after {timeout} s")
+        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 def _disconnect(client: FrameClient) -> defer.Deferred[None]:

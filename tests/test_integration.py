@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor, task
 
 from relay.server.protocol import State
 from relay.wire import Flags, MessageType, encode, encode_json, loads
-from tests.support import FrameClient, IntegrationTestCase
+from tests.support import FrameClient, IntegrationTestCase, wait_until
 
 
 class FanOutTests(IntegrationTestCase):
@@ -153,8 +153,9 @@ class AbruptDisconnectTests(IntegrationTestCase):
             # Linger 0: close() sends RST instead of FIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.transport.abortConnection()
-        while len(self.factory.connections) > 1:
-            await deferLater(0.01)
+        await wait_until(
+            lambda: len(self.factory.connections) == 1, "the server noticed the resets"
+        )
         self.assertEqual(len(self.factory.registry.get("r")), 1)
         newcomer = await self.connect()
         self.assertEqual((await newcomer.join("r"))["members"], 2)
