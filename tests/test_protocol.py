@@ -465,6 +465,30 @@ class BackpressureTests(ProtocolTestCase):
         self.assertEqual(len(fast.received()), 1)
         self.assertEqual(slow.received(), [])
 
+    def test_slow_consumer_queue_is_released_at_the_cut_off(self) -> None:
+        alice = self.joined()
+        slow = self.joined()
+        slow.protocol.pauseProducing()
+        message = encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "x" * 1000})
+        for _ in range(9):
+            alice.send(message)
+        self.assertGreater(slow.protocol.queued_bytes, 9000)
+        alice.send(message * 2)
+        # The transport has not reported the close yet: the memory is free now.
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(slow.protocol.queued_bytes, 0)
+
+    def test_stop_producing_drops_the_queue(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertGreater(bob.protocol.queued_bytes, 0)
+        bob.protocol.stopProducing()
+        self.assertEqual(bob.protocol.queued_bytes, 0)
+        bob.protocol.resumeProducing()
+        self.assertEqual(bob.received(), [])
+
     def test_queue_below_the_limit_is_kept(self) -> None:
         alice = self.joined()
         slow = self.joined()
@@ -500,6 +524,26 @@ class LifecycleTests(ProtocolTestCase):
         bob.protocol.enqueue(encode(MessageType.HEARTBEAT))
         bob.protocol.flush()
         self.assertEqual(bob.received(), [])
+
+    def test_closing_releases_the_queue_and_the_rooms(self) -> None:
+        alice = self.joined("a")
+        bob = self.joined("a")
+        bob.send_json(MessageType.JOIN_ROOM, {"room": "b"})
+        bob.received()
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "a", "content": 1})
+        self.assertGreater(bob.protocol.queued_bytes, 0)
+        bob.protocol.connectionLost(None)
+        self.assertEqual(bob.protocol.queued_bytes, 0)
+        self.assertEqual(bob.protocol.rooms, set())
+
+    def test_a_second_connection_lost_is_silent(self) -> None:
+        # Wrapping transports may report the loss twice.
+        peer = self.joined()
+        peer.protocol.connectionLost(None)
+        with capturedLogs() as events:
+            peer.protocol.connectionLost(None)
+        self.assertEqual(events, [])
 
     def test_illegal_transition_is_logged_as_a_bug(self) -> None:
         peer = self.peer()
