@@ -422,6 +422,11 @@ class FatalErrorTests(ProtocolTestCase):
         self.clock.advance(CLOSE_GRACE_SECONDS)
         self.assertTrue(peer.transport.disconnected)
 
+    def test_a_closing_connection_is_sent_no_second_error(self) -> None:
+        peer = self.assert_fatal(encode(0x42), ErrorCode.UNKNOWN_MESSAGE_TYPE)
+        self.factory.shutdown()
+        self.assertEqual(peer.received(), [])
+
     def test_too_many_connections(self) -> None:
         factory = RelayFactory(RelayConfig(max_connections=1), reactor=self.clock)
         first, second = StringConnection(factory), StringConnection(factory)
@@ -477,6 +482,22 @@ class BackpressureTests(ProtocolTestCase):
         # The transport has not reported the close yet: the memory is free now.
         self.assertTrue(slow.transport.disconnecting)
         self.assertEqual(slow.protocol.queued_bytes, 0)
+
+    def test_nothing_is_handled_after_a_cut_off_in_the_same_read(self) -> None:
+        slow = self.joined(userId="slow")
+        bob = self.joined()
+        slow.protocol.pauseProducing()
+        # The second echo overflows the 10 000 byte queue.
+        echo = encode(MessageType.HEARTBEAT, Flags.BINARY, b"x" * 6000)
+        slow.send(
+            echo
+            + echo
+            + encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "after"})
+            + encode_json(MessageType.JOIN_ROOM, {"room": "after"})
+        )
+        self.assert_error(slow.only_reply(), ErrorCode.SLOW_CONSUMER)
+        self.assertEqual(bob.replies(), [])
+        self.assertNotIn("after", self.factory.registry)
 
     def test_stop_producing_drops_the_queue(self) -> None:
         alice = self.joined()
@@ -573,6 +594,18 @@ class LifecycleTests(ProtocolTestCase):
         self.assertEqual(traces[0]["size"], 3)
         self.assertEqual(traces[0]["conn"], peer.protocol.connection_id)
 
+    def test_debug_traces_nothing_for_a_closing_connection(self) -> None:
+        factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
+        alice, bob = StringConnection(factory), StringConnection(factory)
+        for peer in (alice, bob):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "lobby"})
+        # Fatal: bob is closing, and a member until its transport is gone.
+        bob.send(encode(0x42))
+        with capturedLogs() as events:
+            alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        traced = [e["conn"] for e in events if e.get("direction") == "out"]
+        self.assertNotIn(bob.protocol.connection_id, traced)
+
     def test_no_per_frame_logging_without_debug(self) -> None:
         alice = self.joined()
         with capturedLogs() as events:
@@ -592,6 +625,15 @@ class ShutdownTests(ProtocolTestCase):
         for peer in peers:
             peer.protocol.connectionLost(None)
         self.successResultOf(done)
+
+    def test_requests_after_shutdown_began_are_not_handled(self) -> None:
+        alice = self.joined()
+        self.factory.shutdown()
+        alice.received()
+        alice.send_json(MessageType.JOIN_ROOM, {"room": "late"})
+        self.assertEqual(alice.received(), [])
+        self.assertNotIn("late", self.factory.registry)
+        self.assertEqual(alice.protocol.rooms, {"lobby"})
 
     def test_clients_that_linger_are_aborted(self) -> None:
         peer = self.joined()
