@@ -499,6 +499,19 @@ class BackpressureTests(ProtocolTestCase):
         self.assertEqual(bob.replies(), [])
         self.assertNotIn("after", self.factory.registry)
 
+    def test_frames_queued_before_a_pause_wait_for_the_resume(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        # The transport may pause its producer between a queueing and the flush.
+        bob.protocol.enqueue(encode(MessageType.HEARTBEAT))
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertEqual(bob.transport.value(), b"")
+        bob.protocol.resumeProducing()
+        self.assertEqual(
+            [t for t, _ in bob.replies()], [MessageType.HEARTBEAT, MessageType.MESSAGE]
+        )
+
     def test_stop_producing_drops_the_queue(self) -> None:
         alice = self.joined()
         bob = self.joined()
@@ -624,6 +637,15 @@ class ShutdownTests(ProtocolTestCase):
         self.assertNoResult(done)
         for peer in peers:
             peer.protocol.connectionLost(None)
+        self.successResultOf(done)
+
+    def test_shutdown_waits_for_the_last_client_not_the_first(self) -> None:
+        peers = [self.joined() for _ in range(3)]
+        done = self.factory.shutdown()
+        for peer in peers[:2]:
+            peer.protocol.connectionLost(None)
+            self.assertNoResult(done)
+        peers[2].protocol.connectionLost(None)
         self.successResultOf(done)
 
     def test_requests_after_shutdown_began_are_not_handled(self) -> None:
