@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from relay.server.protocol import CLOSE_GRACE_SECONDS, State
 from relay.server.factory import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
 from relay.wire import (
+    MAX_ENVELOPE,
     ErrorCode,
     Flags,
     Frame,
@@ -333,6 +334,38 @@ class MessageTests(ProtocolTestCase):
         alice.send(encode(MessageType.MESSAGE, Flags.JSON, b'{"room":"r","content":[' + numbers + b"]}"))
         self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST)
         self.assertEqual(bob.replies(), [])
+
+    def test_delivery_of_exactly_the_envelope_limit_is_relayed(self) -> None:
+        # 128 characters, 510 bytes: a binary delivery adds 2 + 510 bytes.
+        alice, bob = self.envelope_pair("😀" * 127 + "é")
+        alice.send(self.largest_binary_publish())
+        (frame,) = bob.received()
+        self.assertEqual(len(frame.payload) + 3, 1000 + MAX_ENVELOPE)
+
+    def test_binary_delivery_past_the_envelope_limit_is_refused(self) -> None:
+        # 128 characters, 512 bytes: the delivery would outgrow it by 2.
+        alice, bob = self.envelope_pair("😀" * 128)
+        alice.send(self.largest_binary_publish())
+        self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST)
+        self.assertEqual(bob.replies(), [])
+
+    def envelope_pair(self, sender: str) -> tuple[StringConnection, StringConnection]:
+        """A sender called ``sender`` and a member, on a server whose frames
+        may be 1000 bytes long."""
+        factory = RelayFactory(RelayConfig(max_frame_size=1000), reactor=self.clock)
+        alice, bob = StringConnection(factory), StringConnection(factory)
+        alice.send_json(MessageType.HELLO, {"userId": sender})
+        for peer in (alice, bob):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+            peer.received()
+        return alice, bob
+
+    @staticmethod
+    def largest_binary_publish() -> bytes:
+        """A binary MESSAGE to room "r" whose length is the 1000 allowed."""
+        frame = encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("r", b"\x00" * 994))
+        assert len(frame) == 4 + 1000, len(frame)
+        return frame
 
 
 class HeartbeatTests(ProtocolTestCase):
