@@ -640,6 +640,21 @@ class LifecycleTests(ProtocolTestCase):
         self.assertEqual(traces[0]["size"], 3)
         self.assertEqual(traces[0]["conn"], peer.protocol.connection_id)
 
+    def test_debug_traces_every_delivery_to_every_member(self) -> None:
+        factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
+        alice, bob, carol = (StringConnection(factory) for _ in range(3))
+        for peer in (alice, bob, carol):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "lobby"})
+        with capturedLogs() as events:
+            alice.send(
+                encode_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+                + encode_json(MessageType.MESSAGE, {"room": "lobby", "content": 2})
+            )
+        traced = [e["conn"] for e in events if e.get("direction") == "out"]
+        members = [bob.protocol.connection_id, carol.protocol.connection_id]
+        self.assertEqual(sorted(traced), sorted(members * 2))
+        self.assertEqual(bob.contents()[-2:], [1, 2])
+
     def test_debug_traces_nothing_for_a_closing_connection(self) -> None:
         factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
         alice, bob = StringConnection(factory), StringConnection(factory)
