@@ -712,3 +712,39 @@ class ShutdownTests(ProtocolTestCase):
         self.assertTrue(peer.transport.disconnected)
         peer.protocol.connectionLost(None)
         self.successResultOf(done)
+
+
+class SummaryTests(ProtocolTestCase):
+    def test_summary_counts_the_run(self) -> None:
+        alice, bob, carol = (StringConnection(self.factory) for _ in range(3))
+        reads = [
+            (alice, encode_json(MessageType.JOIN_ROOM, {"room": "a"})
+             + encode_json(MessageType.JOIN_ROOM, {"room": "b"})),
+            (bob, encode_json(MessageType.JOIN_ROOM, {"room": "a"})),
+            (carol, encode(MessageType.HEARTBEAT)),
+            # Two publishes in one read: bob's deliveries share one entry.
+            (alice, encode_json(MessageType.MESSAGE, {"room": "a", "content": 1})
+             + encode_json(MessageType.MESSAGE, {"room": "a", "content": 2})),
+            (bob, encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("a", b"z"))),
+        ]
+        for peer, data in reads:
+            peer.send(data)
+        carol.protocol.connectionLost(None)
+        StringConnection(self.factory)
+        self.clock.advance(5)
+        written = [peer.transport.value() for peer in (alice, bob, carol)]
+        self.assertEqual(
+            self.factory.summary(),
+            {
+                "uptime": 5.0,
+                "connections_total": 4,
+                "connections_peak": 3,
+                "rooms_now": 2,
+                "rooms_peak": 2,
+                "messages_published": 3,
+                "frames_in": 7,
+                "frames_out": 7,  # alice 2 acks and 1 delivery, bob 1 and 2, carol 1
+                "bytes_in": sum(len(data) for _, data in reads),
+                "bytes_out": sum(map(len, written)),
+            },
+        )
