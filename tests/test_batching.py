@@ -16,13 +16,12 @@ from twisted.trial import unittest
 
 from zope.interface import directlyProvides
 
-from relay.server.protocol import IMessageTransport, RelayProtocol, State
+from relay.server.protocol import IMessageTransport, State
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import (
     Decoder,
     ErrorCode,
     Flags,
-    Frame,
     MessageType,
     decode_binary_delivery,
     encode,
@@ -31,7 +30,7 @@ from relay.wire import (
     loads,
 )
 
-from tests.support import IntegrationTestCase
+from tests.support import IntegrationTestCase, StringConnection
 
 ROOM = "lobby"
 
@@ -55,43 +54,26 @@ class CountingTransport(StringTransport):
         super().writeSequence(data)
 
 
-class Member:
-    """One server-side connection, joined to ROOM, and what its client got."""
+def joined_member(
+    factory: RelayFactory, user: str, echo: bool = False, messages: bool = False
+) -> StringConnection:
+    """One server-side connection on a CountingTransport, joined to ROOM.
 
-    def __init__(
-        self, factory: RelayFactory, user: str, echo: bool = False, messages: bool = False
-    ) -> None:
-        self.transport = CountingTransport()
-        if messages:
-            directlyProvides(self.transport, IMessageTransport)
-        self.protocol: RelayProtocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
-        self.send(
-            encode_json(MessageType.HELLO, {"userId": user, "echo": echo})
-            + encode_json(MessageType.JOIN_ROOM, {"room": ROOM})
-        )
-        hello, join = self.frames()
-        assert (hello.type, join.type) == (MessageType.HELLO, MessageType.JOIN_ROOM)
-        self.transport.writes = 0
-        self.transport.written = []
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def frames(self) -> list[Frame]:
-        """Frames written since the last call."""
-        data = self.transport.value()
-        self.transport.clear()
-        return list(self._decoder.feed(data))
-
-    def contents(self) -> list[Any]:
-        """The content of each JSON MESSAGE received since the last call."""
-        return [
-            loads(frame.payload)["content"]
-            for frame in self.frames()
-            if frame.type == MessageType.MESSAGE
-        ]
+    ``messages`` makes its transport keep message boundaries, like WebSocket.
+    """
+    transport = CountingTransport()
+    if messages:
+        directlyProvides(transport, IMessageTransport)
+    connection = StringConnection(factory, transport)
+    connection.send(
+        encode_json(MessageType.HELLO, {"userId": user, "echo": echo})
+        + encode_json(MessageType.JOIN_ROOM, {"room": ROOM})
+    )
+    hello, join = connection.received()
+    assert (hello.type, join.type) == (MessageType.HELLO, MessageType.JOIN_ROOM)
+    transport.writes = 0
+    transport.written = []
+    return connection
 
 
 def publish(count: int, first: int = 0, room: str = ROOM) -> bytes:
@@ -114,8 +96,8 @@ class BatchingTestCase(unittest.TestCase):
         config = RelayConfig(max_pending=self.max_pending)
         self.factory = RelayFactory(config, reactor=self.clock)
 
-    def members(self, count: int, **options: Any) -> list[Member]:
-        return [Member(self.factory, f"user-{index}", **options) for index in range(count)]
+    def members(self, count: int, **options: Any) -> list[StringConnection]:
+        return [joined_member(self.factory, f"user-{index}", **options) for index in range(count)]
 
 
 class OrderingTests(BatchingTestCase):
@@ -138,7 +120,7 @@ class OrderingTests(BatchingTestCase):
     def test_seq_counts_up_in_publish_order_within_a_batch(self) -> None:
         publisher, subscriber = self.members(2)
         publisher.send(publish(20))
-        seqs = [loads(frame.payload)["seq"] for frame in subscriber.frames()]
+        seqs = [loads(frame.payload)["seq"] for frame in subscriber.received()]
         self.assertEqual(seqs, sorted(seqs))
         self.assertEqual(len(set(seqs)), 20)
 
@@ -150,11 +132,11 @@ class OrderingTests(BatchingTestCase):
         alice.send(publish(1, first=1))
         bob.send(heartbeat)
         self.assertEqual(
-            [f.type for f in bob.frames()], [MessageType.MESSAGE, MessageType.HEARTBEAT]
+            [f.type for f in bob.received()], [MessageType.MESSAGE, MessageType.HEARTBEAT]
         )
         bob.send(heartbeat + publish(1, first=2) + heartbeat)
         self.assertEqual(
-            [f.type for f in bob.frames()], [MessageType.HEARTBEAT, MessageType.HEARTBEAT]
+            [f.type for f in bob.received()], [MessageType.HEARTBEAT, MessageType.HEARTBEAT]
         )
         self.assertEqual(alice.contents(), [2])
 
@@ -167,7 +149,7 @@ class OrderingTests(BatchingTestCase):
                 for data in datas
             )
         )
-        received = [decode_binary_delivery(frame.payload) for frame in subscriber.frames()]
+        received = [decode_binary_delivery(frame.payload) for frame in subscriber.received()]
         self.assertEqual(received, [(ROOM, "user-0", data) for data in datas])
 
 
@@ -186,7 +168,7 @@ class SharedFanoutTests(BatchingTestCase):
         publisher, both, only_lobby = self.members(3)
         for member in (publisher, both):
             member.send(join("other"))
-            member.frames()
+            member.received()
         publisher.send(
             publish(2, first=0) + publish(2, first=10, room="other") + publish(2, first=20)
         )
@@ -199,7 +181,7 @@ class SharedFanoutTests(BatchingTestCase):
         publisher.send(publish(2) + heartbeat + publish(2, first=2) + join("other") + publish(1, first=4))
         self.assertEqual(
             [(f.type, loads(f.payload).get("content") if f.flags & Flags.JSON else None)
-             for f in publisher.frames()],
+             for f in publisher.received()],
             [
                 (MessageType.MESSAGE, 0),
                 (MessageType.MESSAGE, 1),
@@ -214,7 +196,7 @@ class SharedFanoutTests(BatchingTestCase):
     def test_membership_change_mid_read_starts_a_new_fanout(self) -> None:
         publisher, subscriber, other = self.members(3)
         other.send(join("other"))
-        other.frames()
+        other.received()
         # The publisher joins "other" mid-read, between broadcasts to it.
         publisher.send(
             publish(1, first=0)
@@ -224,7 +206,7 @@ class SharedFanoutTests(BatchingTestCase):
         )
         self.assertEqual(other.contents(), [0, 10, 11, 1])
         self.assertEqual(subscriber.contents(), [0, 1])
-        self.assertEqual(publisher.frames()[0].type, MessageType.JOIN_ROOM)
+        self.assertEqual(publisher.received()[0].type, MessageType.JOIN_ROOM)
 
     def test_paused_member_counts_shared_broadcasts_frame_by_frame(self) -> None:
         publisher, paused, running = self.members(3)
@@ -235,7 +217,7 @@ class SharedFanoutTests(BatchingTestCase):
         self.assertEqual(running.contents(), list(range(count)))
         self.assertIs(paused.protocol.state, State.CLOSING)
         self.assertEqual(
-            loads(paused.frames()[-1].payload)["code"], ErrorCode.SLOW_CONSUMER.value
+            loads(paused.received()[-1].payload)["code"], ErrorCode.SLOW_CONSUMER.value
         )
 
     def test_fanout_nobody_shared_does_not_outlive_its_flush(self) -> None:
@@ -251,8 +233,8 @@ class SharedFanoutTests(BatchingTestCase):
         self.assertEqual(bob.contents(), [0, 1, 2, 3, 4])
 
     def test_message_transport_gets_each_frame_as_its_own_element(self) -> None:
-        publisher = Member(self.factory, "publisher")
-        websocket = Member(self.factory, "websocket", messages=True)
+        publisher = joined_member(self.factory, "publisher")
+        websocket = joined_member(self.factory, "websocket", messages=True)
         publisher.send(publish(3))
         (sequence,) = websocket.transport.written
         self.assertEqual(len(sequence), 3)
@@ -272,7 +254,7 @@ class ExclusionTests(BatchingTestCase):
     def test_sender_is_excluded_from_its_own_batch(self) -> None:
         publisher, subscriber = self.members(2)
         publisher.send(publish(10))
-        self.assertEqual(publisher.frames(), [])
+        self.assertEqual(publisher.received(), [])
         self.assertEqual(publisher.transport.writes, 0)
         self.assertEqual(subscriber.contents(), list(range(10)))
 
@@ -317,7 +299,7 @@ class SlowConsumerTests(BatchingTestCase):
         self.assertEqual(fast.contents(), list(range(count)))
         self.assertIs(slow.protocol.state, State.CLOSING)
         self.assertTrue(slow.transport.disconnecting)
-        (error,) = slow.frames()
+        (error,) = slow.received()
         self.assertEqual(error.type, MessageType.ERROR)
         self.assertEqual(loads(error.payload)["code"], ErrorCode.SLOW_CONSUMER.value)
 
@@ -348,7 +330,7 @@ class ViolationTests(BatchingTestCase):
         bad = encode(MessageType.HEARTBEAT, 0x80, b"")  # reserved flag bit
         publisher.send(publish(3) + bad + publish(3, first=3))
         self.assertEqual(subscriber.contents(), [0, 1, 2])
-        (error,) = publisher.frames()
+        (error,) = publisher.received()
         self.assertEqual(loads(error.payload)["code"], ErrorCode.INVALID_FRAME.value)
         self.assertTrue(publisher.transport.disconnecting)
 

@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor, task
 
 from relay.server.protocol import State
 from relay.wire import Flags, MessageType, encode, encode_json, loads
-from tests.support import FrameClient, IntegrationTestCase
+from tests.support import FrameClient, IntegrationTestCase, wait_until
 
 
 class FanOutTests(IntegrationTestCase):
@@ -153,13 +153,33 @@ class AbruptDisconnectTests(IntegrationTestCase):
             # Linger 0: close() sends RST instead of FIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.transport.abortConnection()
-        while len(self.factory.connections) > 1:
-            await deferLater(0.01)
+        await wait_until(
+            lambda: len(self.factory.connections) == 1, "the server noticed the resets"
+        )
         self.assertEqual(len(self.factory.registry.get("r")), 1)
         newcomer = await self.connect()
         self.assertEqual((await newcomer.join("r"))["members"], 2)
         newcomer.send_json(MessageType.MESSAGE, {"room": "r", "content": "still here"})
         self.assertEqual((await stayer.next_json())[1]["content"], "still here")
+
+
+class RestartTests(IntegrationTestCase):
+    async def test_restart_on_the_same_port_tells_clients_then_serves_afresh(self) -> None:
+        old = await self.connect()
+        await old.hello(userId="old")
+        await old.join("lobby")
+        port_number = self.port.getHost().port
+        # The old server's side of the connection closes first: the new
+        # listener must bind while that socket is still in TIME_WAIT.
+        await self.restart_server()
+        type_, body = await old.next_json()
+        self.assertEqual((type_, body["code"], body["fatal"]), (MessageType.ERROR, "SERVER_SHUTDOWN", True))
+        await old.closed
+        self.assertEqual(self.port.getHost().port, port_number)
+        new = await self.connect()
+        await new.hello(userId="new")
+        # Rooms do not survive a restart.
+        self.assertEqual((await new.join("lobby"))["members"], 1)
 
 
 def deferLater(seconds: float) -> defer.Deferred[None]:

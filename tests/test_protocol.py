@@ -6,14 +6,13 @@ import struct
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from relay.server.protocol import CLOSE_GRACE_SECONDS, RelayProtocol, State
+from relay.server.protocol import CLOSE_GRACE_SECONDS, State
 from relay.server.factory import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
 from relay.wire import (
-    Decoder,
+    MAX_ENVELOPE,
     ErrorCode,
     Flags,
     Frame,
@@ -22,44 +21,9 @@ from relay.wire import (
     encode,
     encode_binary_message,
     encode_json,
-    loads,
 )
 
-
-class Peer:
-    """One server-side connection and what its client has received so far."""
-
-    def __init__(self, factory: RelayFactory) -> None:
-        self.transport = StringTransport()
-        self.protocol: RelayProtocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def send_json(self, type_: MessageType, body: Any) -> None:
-        self.send(encode_json(type_, body))
-
-    def received(self) -> list[Frame]:
-        """Frames written since the last call."""
-        data = self.transport.value()
-        self.transport.clear()
-        return list(self._decoder.feed(data))
-
-    def replies(self) -> list[tuple[int, Any]]:
-        return [
-            (f.type, loads(f.payload) if f.flags & Flags.JSON else f.payload)
-            for f in self.received()
-        ]
-
-    def only_reply(self) -> tuple[int, Any]:
-        (reply,) = self.replies()
-        return reply
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
+from tests.support import StringConnection
 
 
 class ProtocolTestCase(unittest.TestCase):
@@ -70,15 +34,15 @@ class ProtocolTestCase(unittest.TestCase):
         self.clock.advance(1_700_000_000)
         self.factory = RelayFactory(self.config, reactor=self.clock)
 
-    def peer(self, **hello: Any) -> Peer:
-        peer = Peer(self.factory)
+    def peer(self, **hello: Any) -> StringConnection:
+        peer = StringConnection(self.factory)
         if hello:
             peer.send_json(MessageType.HELLO, hello)
             type_, body = peer.only_reply()
             self.assertEqual(type_, MessageType.HELLO, body)
         return peer
 
-    def joined(self, room: str = "lobby", **hello: Any) -> Peer:
+    def joined(self, room: str = "lobby", **hello: Any) -> StringConnection:
         peer = self.peer(**hello)
         peer.send_json(MessageType.JOIN_ROOM, {"room": room})
         self.assertEqual(peer.only_reply()[1]["status"], "joined")
@@ -360,7 +324,7 @@ class MessageTests(ProtocolTestCase):
 
     def test_delivery_larger_than_the_envelope_allows_is_refused(self) -> None:
         factory = RelayFactory(RelayConfig(max_frame_size=1000), reactor=self.clock)
-        alice, bob = Peer(factory), Peer(factory)
+        alice, bob = StringConnection(factory), StringConnection(factory)
         for peer in (alice, bob):
             peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
             peer.received()
@@ -370,6 +334,38 @@ class MessageTests(ProtocolTestCase):
         alice.send(encode(MessageType.MESSAGE, Flags.JSON, b'{"room":"r","content":[' + numbers + b"]}"))
         self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST)
         self.assertEqual(bob.replies(), [])
+
+    def test_delivery_of_exactly_the_envelope_limit_is_relayed(self) -> None:
+        # 128 characters, 510 bytes: a binary delivery adds 2 + 510 bytes.
+        alice, bob = self.envelope_pair("😀" * 127 + "é")
+        alice.send(self.largest_binary_publish())
+        (frame,) = bob.received()
+        self.assertEqual(len(frame.payload) + 3, 1000 + MAX_ENVELOPE)
+
+    def test_binary_delivery_past_the_envelope_limit_is_refused(self) -> None:
+        # 128 characters, 512 bytes: the delivery would outgrow it by 2.
+        alice, bob = self.envelope_pair("😀" * 128)
+        alice.send(self.largest_binary_publish())
+        self.assert_error(alice.only_reply(), ErrorCode.BAD_REQUEST)
+        self.assertEqual(bob.replies(), [])
+
+    def envelope_pair(self, sender: str) -> tuple[StringConnection, StringConnection]:
+        """A sender called ``sender`` and a member, on a server whose frames
+        may be 1000 bytes long."""
+        factory = RelayFactory(RelayConfig(max_frame_size=1000), reactor=self.clock)
+        alice, bob = StringConnection(factory), StringConnection(factory)
+        alice.send_json(MessageType.HELLO, {"userId": sender})
+        for peer in (alice, bob):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+            peer.received()
+        return alice, bob
+
+    @staticmethod
+    def largest_binary_publish() -> bytes:
+        """A binary MESSAGE to room "r" whose length is the 1000 allowed."""
+        frame = encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("r", b"\x00" * 994))
+        assert len(frame) == 4 + 1000, len(frame)
+        return frame
 
 
 class HeartbeatTests(ProtocolTestCase):
@@ -408,7 +404,7 @@ class HeartbeatTests(ProtocolTestCase):
 class FatalErrorTests(ProtocolTestCase):
     HEARTBEAT = encode(MessageType.HEARTBEAT)
 
-    def assert_fatal(self, violation: bytes, code: ErrorCode) -> Peer:
+    def assert_fatal(self, violation: bytes, code: ErrorCode) -> StringConnection:
         peer = self.joined("r")
         # A heartbeat before the violation is answered; one after it is not.
         peer.send(self.HEARTBEAT + violation + self.HEARTBEAT)
@@ -459,9 +455,14 @@ class FatalErrorTests(ProtocolTestCase):
         self.clock.advance(CLOSE_GRACE_SECONDS)
         self.assertTrue(peer.transport.disconnected)
 
+    def test_a_closing_connection_is_sent_no_second_error(self) -> None:
+        peer = self.assert_fatal(encode(0x42), ErrorCode.UNKNOWN_MESSAGE_TYPE)
+        self.factory.shutdown()
+        self.assertEqual(peer.received(), [])
+
     def test_too_many_connections(self) -> None:
         factory = RelayFactory(RelayConfig(max_connections=1), reactor=self.clock)
-        first, second = Peer(factory), Peer(factory)
+        first, second = StringConnection(factory), StringConnection(factory)
         self.assertFalse(first.closing)
         self.assert_error(second.only_reply(), ErrorCode.TOO_MANY_CONNECTIONS)
         self.assertTrue(second.closing)
@@ -502,6 +503,59 @@ class BackpressureTests(ProtocolTestCase):
         self.assertEqual(len(fast.received()), 1)
         self.assertEqual(slow.received(), [])
 
+    def test_slow_consumer_queue_is_released_at_the_cut_off(self) -> None:
+        alice = self.joined()
+        slow = self.joined()
+        slow.protocol.pauseProducing()
+        message = encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "x" * 1000})
+        for _ in range(9):
+            alice.send(message)
+        self.assertGreater(slow.protocol.queued_bytes, 9000)
+        alice.send(message * 2)
+        # The transport has not reported the close yet: the memory is free now.
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(slow.protocol.queued_bytes, 0)
+
+    def test_nothing_is_handled_after_a_cut_off_in_the_same_read(self) -> None:
+        slow = self.joined(userId="slow")
+        bob = self.joined()
+        slow.protocol.pauseProducing()
+        # The second echo overflows the 10 000 byte queue.
+        echo = encode(MessageType.HEARTBEAT, Flags.BINARY, b"x" * 6000)
+        slow.send(
+            echo
+            + echo
+            + encode_json(MessageType.MESSAGE, {"room": "lobby", "content": "after"})
+            + encode_json(MessageType.JOIN_ROOM, {"room": "after"})
+        )
+        self.assert_error(slow.only_reply(), ErrorCode.SLOW_CONSUMER)
+        self.assertEqual(bob.replies(), [])
+        self.assertNotIn("after", self.factory.registry)
+
+    def test_frames_queued_before_a_pause_wait_for_the_resume(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        # The transport may pause its producer between a queueing and the flush.
+        bob.protocol.enqueue(encode(MessageType.HEARTBEAT))
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertEqual(bob.transport.value(), b"")
+        bob.protocol.resumeProducing()
+        self.assertEqual(
+            [t for t, _ in bob.replies()], [MessageType.HEARTBEAT, MessageType.MESSAGE]
+        )
+
+    def test_stop_producing_drops_the_queue(self) -> None:
+        alice = self.joined()
+        bob = self.joined()
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        self.assertGreater(bob.protocol.queued_bytes, 0)
+        bob.protocol.stopProducing()
+        self.assertEqual(bob.protocol.queued_bytes, 0)
+        bob.protocol.resumeProducing()
+        self.assertEqual(bob.received(), [])
+
     def test_queue_below_the_limit_is_kept(self) -> None:
         alice = self.joined()
         slow = self.joined()
@@ -538,6 +592,26 @@ class LifecycleTests(ProtocolTestCase):
         bob.protocol.flush()
         self.assertEqual(bob.received(), [])
 
+    def test_closing_releases_the_queue_and_the_rooms(self) -> None:
+        alice = self.joined("a")
+        bob = self.joined("a")
+        bob.send_json(MessageType.JOIN_ROOM, {"room": "b"})
+        bob.received()
+        bob.protocol.pauseProducing()
+        alice.send_json(MessageType.MESSAGE, {"room": "a", "content": 1})
+        self.assertGreater(bob.protocol.queued_bytes, 0)
+        bob.protocol.connectionLost(None)
+        self.assertEqual(bob.protocol.queued_bytes, 0)
+        self.assertEqual(bob.protocol.rooms, set())
+
+    def test_a_second_connection_lost_is_silent(self) -> None:
+        # Wrapping transports may report the loss twice.
+        peer = self.joined()
+        peer.protocol.connectionLost(None)
+        with capturedLogs() as events:
+            peer.protocol.connectionLost(None)
+        self.assertEqual(events, [])
+
     def test_illegal_transition_is_logged_as_a_bug(self) -> None:
         peer = self.peer()
         peer.protocol.connectionLost(None)
@@ -551,20 +625,47 @@ class LifecycleTests(ProtocolTestCase):
         for debug, expected in ((False, 0), (True, 2)):
             factory = RelayFactory(RelayConfig(debug=debug), reactor=self.clock)
             with capturedLogs() as events:
-                peer = Peer(factory)
+                peer = StringConnection(factory)
                 peer.protocol.pauseProducing()
             transitions = [e for e in events if "state" in e["log_format"]]
             self.assertEqual(len(transitions), expected)
 
     def test_debug_logs_every_frame_in_and_out(self) -> None:
         factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
-        peer = Peer(factory)
+        peer = StringConnection(factory)
         with capturedLogs() as events:
             peer.send(encode(MessageType.HEARTBEAT, Flags.BINARY, b"abc"))
         traces = [e for e in events if e.get("direction")]
         self.assertEqual([e["direction"] for e in traces], ["in", "out"])
         self.assertEqual(traces[0]["size"], 3)
         self.assertEqual(traces[0]["conn"], peer.protocol.connection_id)
+
+    def test_debug_traces_every_delivery_to_every_member(self) -> None:
+        factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
+        alice, bob, carol = (StringConnection(factory) for _ in range(3))
+        for peer in (alice, bob, carol):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "lobby"})
+        with capturedLogs() as events:
+            alice.send(
+                encode_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+                + encode_json(MessageType.MESSAGE, {"room": "lobby", "content": 2})
+            )
+        traced = [e["conn"] for e in events if e.get("direction") == "out"]
+        members = [bob.protocol.connection_id, carol.protocol.connection_id]
+        self.assertEqual(sorted(traced), sorted(members * 2))
+        self.assertEqual(bob.contents()[-2:], [1, 2])
+
+    def test_debug_traces_nothing_for_a_closing_connection(self) -> None:
+        factory = RelayFactory(RelayConfig(debug=True), reactor=self.clock)
+        alice, bob = StringConnection(factory), StringConnection(factory)
+        for peer in (alice, bob):
+            peer.send_json(MessageType.JOIN_ROOM, {"room": "lobby"})
+        # Fatal: bob is closing, and a member until its transport is gone.
+        bob.send(encode(0x42))
+        with capturedLogs() as events:
+            alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
+        traced = [e["conn"] for e in events if e.get("direction") == "out"]
+        self.assertNotIn(bob.protocol.connection_id, traced)
 
     def test_no_per_frame_logging_without_debug(self) -> None:
         alice = self.joined()
@@ -586,6 +687,24 @@ class ShutdownTests(ProtocolTestCase):
             peer.protocol.connectionLost(None)
         self.successResultOf(done)
 
+    def test_shutdown_waits_for_the_last_client_not_the_first(self) -> None:
+        peers = [self.joined() for _ in range(3)]
+        done = self.factory.shutdown()
+        for peer in peers[:2]:
+            peer.protocol.connectionLost(None)
+            self.assertNoResult(done)
+        peers[2].protocol.connectionLost(None)
+        self.successResultOf(done)
+
+    def test_requests_after_shutdown_began_are_not_handled(self) -> None:
+        alice = self.joined()
+        self.factory.shutdown()
+        alice.received()
+        alice.send_json(MessageType.JOIN_ROOM, {"room": "late"})
+        self.assertEqual(alice.received(), [])
+        self.assertNotIn("late", self.factory.registry)
+        self.assertEqual(alice.protocol.rooms, {"lobby"})
+
     def test_clients_that_linger_are_aborted(self) -> None:
         peer = self.joined()
         done = self.factory.shutdown()
@@ -593,3 +712,39 @@ class ShutdownTests(ProtocolTestCase):
         self.assertTrue(peer.transport.disconnected)
         peer.protocol.connectionLost(None)
         self.successResultOf(done)
+
+
+class SummaryTests(ProtocolTestCase):
+    def test_summary_counts_the_run(self) -> None:
+        alice, bob, carol = (StringConnection(self.factory) for _ in range(3))
+        reads = [
+            (alice, encode_json(MessageType.JOIN_ROOM, {"room": "a"})
+             + encode_json(MessageType.JOIN_ROOM, {"room": "b"})),
+            (bob, encode_json(MessageType.JOIN_ROOM, {"room": "a"})),
+            (carol, encode(MessageType.HEARTBEAT)),
+            # Two publishes in one read: bob's deliveries share one entry.
+            (alice, encode_json(MessageType.MESSAGE, {"room": "a", "content": 1})
+             + encode_json(MessageType.MESSAGE, {"room": "a", "content": 2})),
+            (bob, encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("a", b"z"))),
+        ]
+        for peer, data in reads:
+            peer.send(data)
+        carol.protocol.connectionLost(None)
+        StringConnection(self.factory)
+        self.clock.advance(5)
+        written = [peer.transport.value() for peer in (alice, bob, carol)]
+        self.assertEqual(
+            self.factory.summary(),
+            {
+                "uptime": 5.0,
+                "connections_total": 4,
+                "connections_peak": 3,
+                "rooms_now": 2,
+                "rooms_peak": 2,
+                "messages_published": 3,
+                "frames_in": 7,
+                "frames_out": 7,  # alice 2 acks and 1 delivery, bob 1 and 2, carol 1
+                "bytes_in": sum(len(data) for _, data in reads),
+                "bytes_out": sum(map(len, written)),
+            },
+        )
