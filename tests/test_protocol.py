@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from relay.server.protocol import CLOSE_GRACE_SECONDS, State
 from relay.server.factory import SHUTDOWN_GRACE_SECONDS, RelayConfig, RelayFactory
+from relay.server.protocol import CLOSE_GRACE_SECONDS, State
 from relay.wire import (
     MAX_ENVELOPE,
     ErrorCode,
@@ -22,7 +23,6 @@ from relay.wire import (
     encode_binary_message,
     encode_json,
 )
-
 from tests.support import StringConnection
 
 
@@ -466,7 +466,7 @@ class FatalErrorTests(ProtocolTestCase):
         self.assertFalse(first.closing)
         self.assert_error(second.only_reply(), ErrorCode.TOO_MANY_CONNECTIONS)
         self.assertTrue(second.closing)
-        second.protocol.connectionLost(None)
+        second.protocol.connectionLost(connectionDone)
         self.assertEqual(factory.connections, {first.protocol})
 
 
@@ -574,8 +574,8 @@ class LifecycleTests(ProtocolTestCase):
         alice.send_json(MessageType.JOIN_ROOM, {"room": "b"})
         alice.received()
         bob = self.joined("a")
-        alice.protocol.connectionLost(None)
-        alice.protocol.connectionLost(None)
+        alice.protocol.connectionLost(connectionDone)
+        alice.protocol.connectionLost(connectionDone)
         self.assertEqual(alice.protocol.state, State.CLOSED)
         self.assertNotIn("b", self.factory.registry)
         self.assertEqual(len(self.factory.registry.get("a")), 1)
@@ -586,7 +586,7 @@ class LifecycleTests(ProtocolTestCase):
     def test_nothing_is_written_after_close(self) -> None:
         alice = self.joined()
         bob = self.joined()
-        bob.protocol.connectionLost(None)
+        bob.protocol.connectionLost(connectionDone)
         alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": 1})
         bob.protocol.enqueue(encode(MessageType.HEARTBEAT))
         bob.protocol.flush()
@@ -600,21 +600,21 @@ class LifecycleTests(ProtocolTestCase):
         bob.protocol.pauseProducing()
         alice.send_json(MessageType.MESSAGE, {"room": "a", "content": 1})
         self.assertGreater(bob.protocol.queued_bytes, 0)
-        bob.protocol.connectionLost(None)
+        bob.protocol.connectionLost(connectionDone)
         self.assertEqual(bob.protocol.queued_bytes, 0)
         self.assertEqual(bob.protocol.rooms, set())
 
     def test_a_second_connection_lost_is_silent(self) -> None:
         # Wrapping transports may report the loss twice.
         peer = self.joined()
-        peer.protocol.connectionLost(None)
+        peer.protocol.connectionLost(connectionDone)
         with capturedLogs() as events:
-            peer.protocol.connectionLost(None)
+            peer.protocol.connectionLost(connectionDone)
         self.assertEqual(events, [])
 
     def test_illegal_transition_is_logged_as_a_bug(self) -> None:
         peer = self.peer()
-        peer.protocol.connectionLost(None)
+        peer.protocol.connectionLost(connectionDone)
         with capturedLogs() as events:
             peer.protocol.resumeProducing()
             self.assertFalse(peer.protocol._transition(State.OPEN))
@@ -684,16 +684,16 @@ class ShutdownTests(ProtocolTestCase):
             self.assertTrue(peer.closing)
         self.assertNoResult(done)
         for peer in peers:
-            peer.protocol.connectionLost(None)
+            peer.protocol.connectionLost(connectionDone)
         self.successResultOf(done)
 
     def test_shutdown_waits_for_the_last_client_not_the_first(self) -> None:
         peers = [self.joined() for _ in range(3)]
         done = self.factory.shutdown()
         for peer in peers[:2]:
-            peer.protocol.connectionLost(None)
+            peer.protocol.connectionLost(connectionDone)
             self.assertNoResult(done)
-        peers[2].protocol.connectionLost(None)
+        peers[2].protocol.connectionLost(connectionDone)
         self.successResultOf(done)
 
     def test_requests_after_shutdown_began_are_not_handled(self) -> None:
@@ -710,7 +710,7 @@ class ShutdownTests(ProtocolTestCase):
         done = self.factory.shutdown()
         self.clock.advance(SHUTDOWN_GRACE_SECONDS)
         self.assertTrue(peer.transport.disconnected)
-        peer.protocol.connectionLost(None)
+        peer.protocol.connectionLost(connectionDone)
         self.successResultOf(done)
 
 
@@ -729,7 +729,7 @@ class SummaryTests(ProtocolTestCase):
         ]
         for peer, data in reads:
             peer.send(data)
-        carol.protocol.connectionLost(None)
+        carol.protocol.connectionLost(connectionDone)
         StringConnection(self.factory)
         self.clock.advance(5)
         written = [peer.transport.value() for peer in (alice, bob, carol)]

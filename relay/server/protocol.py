@@ -23,7 +23,7 @@ import enum
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -198,8 +198,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return
         self.setTimeout(self.factory.config.idle_timeout)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        # Wrapping transports (autobahn's WebSocket adapter) may pass None.
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.state is State.CLOSED:
             return
         self._transition(State.CLOSED)
@@ -214,7 +213,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         log.info(
             "{conn} disconnected: {why}",
             conn=self.connection_id,
-            why=reason.getErrorMessage() if reason is not None else "closed",
+            why=reason.getErrorMessage(),
         )
 
     def handshakeCompleted(self) -> None:
