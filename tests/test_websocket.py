@@ -36,7 +36,6 @@ from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.tap import Options, makeService
 from relay.wire import (
     MAX_ENVELOPE,
-    Decoder,
     ErrorCode,
     Flags,
     Frame,
@@ -45,7 +44,7 @@ from relay.wire import (
     encode_json,
     loads,
 )
-from tests.support import FrameClient, connect_frame_client
+from tests.support import FrameClient, connect_frame_client, permissive_decoder
 
 TIMEOUT = 10.0
 
@@ -59,7 +58,7 @@ class WebSocketClient:
     def __init__(self, connection: ClientConnection, stack: ExitStack) -> None:
         self.connection = connection
         self._stack = stack
-        self._decoder = Decoder(max_frame_size=2**31, known_types=frozenset(range(256)))
+        self._decoder = permissive_decoder()
 
     @classmethod
     async def open(cls, url: str, **options: Any) -> WebSocketClient:
