@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_USER_ID = 128
+# HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
+ACKS = "acks"
+# The extensions this server offers, in the order its HELLO ack lists them.
+SUPPORTED_FEATURES = (ACKS,)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -118,6 +122,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         # Set from a verified client certificate; HELLO cannot change it.
         self.certified_user_id: str | None = None
         self.echo = False
+        self.acks = False  # the acks extension, enabled by HELLO
         self.rooms: set[str] = set()
         self._outbox: list[bytes | Fanout] = []
         self._pending_bytes = 0
@@ -345,6 +350,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if user_id is not None:
             self.user_id = user_id
         self.echo = echo
+        enabled = negotiate_features(features)
+        self.acks = ACKS in enabled
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -355,7 +362,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 "serverVersion": __version__,
                 "heartbeatInterval": config.heartbeat_interval,
                 "maxFrameSize": config.max_frame_size,
-                "features": [],
+                "features": enabled,
             },
             request_id,
         )
@@ -420,6 +427,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 ErrorCode.BAD_REQUEST, '"content" is nested too deeply to relay', request_id
             ) from None
         self._publish(room, delivery, request_id)
+        if self.acks and request_id is not None:
+            # After the broadcast, so an echoed delivery comes first; sender only.
+            ack = {"status": "published", "room": room.name, "seq": room.seq}
+            self._reply(MessageType.MESSAGE, ack, request_id)
 
     def _on_binary_message(self, frame: Frame) -> None:
         name, start = split_binary_message(frame.payload)
@@ -584,6 +595,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _trace_out(self, data: bytes) -> None:
         if self._debug:
             self._trace("out", Frame(data[5], data[6], data[7:]))
+
+
+def negotiate_features(requested: list[str]) -> list[str]:
+    """The extensions to enable: those asked for that this server supports,
+    in the server's order (a client that asks for nothing gets ``[]``)."""
+    asked = set(requested)
+    return [feature for feature in SUPPORTED_FEATURES if feature in asked]
 
 
 def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
