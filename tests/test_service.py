@@ -54,7 +54,7 @@ class OptionsTests(unittest.TestCase):
         self.assertTrue(self.parse().config().debug)
 
     def test_limits_must_be_positive(self) -> None:
-        for option in ("--max-frame-size", "--idle-timeout", "--max-pending", "--max-rooms"):
+        for option in ("--max-frame-size", "--max-pending", "--max-rooms"):
             self.assertRaises(usage.UsageError, self.parse, option, "0")
             self.assertRaises(usage.UsageError, self.parse, option, "lots")
 

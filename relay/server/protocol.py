@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -177,6 +177,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.transport.bufferSize = self.factory.config.read_size
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
+        if ITCPTransport.providedBy(self.transport):
+            # Finds peers that vanished without a word, even with no idle timeout.
+            self.transport.setTcpKeepAlive(True)
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
         log.info(
@@ -190,7 +193,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 f"the server is at its limit of {self.factory.config.max_connections} connections",
             )
             return
-        self.setTimeout(self.factory.config.idle_timeout)
+        self.setTimeout(self.factory.config.idle_timeout or None)  # 0: no idle timeout
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         # Wrapping transports (autobahn's WebSocket adapter) may pass None.
