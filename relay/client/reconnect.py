@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator, Callable
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.client.endpoints import build_endpoint
@@ -20,11 +21,15 @@ from relay.client.protocol import (
 )
 from relay.wire import ErrorCode
 
+log = Logger()
+
 # Codes after which reconnecting cannot help: the same request would fail again.
 TERMINAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
 # Reconnection backoff: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, each plus jitter.
 RETRY_INITIAL_DELAY_SECONDS = 0.5
 RETRY_MAX_DELAY_SECONDS = 30.0
+# How long stop() lets the connection close before aborting it.
+STOP_GRACE_SECONDS = 2.0
 
 
 class _Session(Protocol):
@@ -68,11 +73,14 @@ class _ReadyEndpoint:
         return ready
 
     def _present(self, client: RelayClientProtocol, service_factory: Any) -> Any:
+        # First, so the owner hears of a loss before ClientService schedules the retry.
+        self._owner._connected(client)
+        if self._owner.stopped:
+            # A hook stopped it: ClientService, stopping too, must not get this connection.
+            raise defer.CancelledError("stopped while connecting")
         session = service_factory.buildProtocol(client.transport.getPeer())
         session.attach(client)
         session.makeConnection(client.transport)
-        # The owner hears of a loss before ClientService schedules the retry.
-        self._owner._connected(client)
         client.when_closed().addCallback(lambda _: session.connectionLost(client.close_reason))
         return session
 
@@ -89,7 +97,8 @@ class ReconnectingClient:
     - ``on_connected(client)``: a connection is ready and its rooms re-joined;
     - ``on_disconnected(reason)``: an established connection ended;
     - ``on_reconnecting(attempt, delay, reason)``: next attempt in ``delay`` s;
-    - ``on_gave_up(reason)``: a terminal error (e.g. UNAUTHORIZED); stopped;
+    - ``on_gave_up(reason)``: a terminal error (e.g. UNAUTHORIZED); it stops
+      as soon as the hook returns;
     - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol.
     """
 
@@ -114,6 +123,10 @@ class ReconnectingClient:
         )
         self._last_failure: Failure | None = None
         self._hub = MessageHub()
+        # Requests wait here, not in ClientService, so that they can be made
+        # from any callback, even one run while ClientService changes state.
+        self._waiting: list[defer.Deferred[RelayClientProtocol]] = []
+        self._stopped = False
         self._service = ClientService(
             _ReadyEndpoint(self), Factory.forProtocol(_Session),
             retryPolicy=self._retry_delay, clock=reactor,
@@ -121,22 +134,63 @@ class ReconnectingClient:
 
     def start(self) -> None:
         """Start connecting (and keep reconnecting until ``stop``)."""
+        self._stopped = False
         self._service.startService()
 
     def stop(self) -> defer.Deferred[None]:
-        """Stop reconnecting and close the connection; fires once closed."""
+        """Stop reconnecting and close the connection; fires once closed.
+
+        Requests still waiting for a connection fail with ``CancelledError``.
+        A connection that has not closed after ``STOP_GRACE_SECONDS`` (a
+        server that stopped reading) is aborted.
+        """
+        self._stopped = True
         self._hub.close()
-        if not self._service.running:
-            return defer.succeed(None)
-        return self._service.stopService()
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.cancel()
+        closing = [self._service.stopService()] if self._service.running else []
+        if self.connected:
+            # Closed here too: ClientService leaves open a connection that
+            # was being handed to it when it was stopped.
+            closing.append(self._close(self.client))
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
+    def _close(self, client: RelayClientProtocol) -> defer.Deferred[None]:
+        abort = self.reactor.callLater(STOP_GRACE_SECONDS, client.transport.abortConnection)
+
+        def closed(result: None) -> None:
+            if abort.active():
+                abort.cancel()
+
+        return client.disconnect().addCallback(closed)
 
     @property
     def connected(self) -> bool:
+        """Whether a ready connection is up now."""
         return self.client is not None and self.client.is_open
 
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop`` was called (or a terminal failure stopped it)."""
+        return self._stopped
+
     def when_connected(self) -> defer.Deferred[RelayClientProtocol]:
-        """The current ready connection, or the next one."""
-        return self._service.whenConnected().addCallback(lambda session: session.client)
+        """The current ready connection, or the next one.
+
+        Fails with ``CancelledError`` once ``stop`` has been called.
+        """
+        if self.connected:
+            return defer.succeed(self.client)
+        if self._stopped:
+            return defer.fail(defer.CancelledError("the client has been stopped"))
+        waiter: defer.Deferred[RelayClientProtocol] = defer.Deferred(self._forget)
+        self._waiting.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: defer.Deferred[RelayClientProtocol]) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
 
     def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Join ``room`` (now and after each reconnection); fires with the ack."""
@@ -190,16 +244,17 @@ class ReconnectingClient:
         self.client = client
         self._last_failure = None
         client.when_closed().addCallback(lambda _: self._disconnected(client))
-        if self.on_connected is not None:
-            self.on_connected(client)
+        self._run_hook(self.on_connected, client)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(client)
 
     def _disconnected(self, client: RelayClientProtocol) -> None:
         if self.client is client:
             self.client = None
         reason = client.close_reason
         self._last_failure = reason
-        if self.on_disconnected is not None:
-            self.on_disconnected(reason)
+        self._run_hook(self.on_disconnected, reason)
         self._check_terminal(reason)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
@@ -213,11 +268,12 @@ class ReconnectingClient:
             self.reactor.callLater(0, self._give_up, reason)
 
     def _give_up(self, reason: Failure) -> None:
-        if not self._service.running:
+        if self._stopped or not self._service.running:
             return
+        # The cause first, then its consequences: stopping cancels the
+        # requests still waiting for a connection.
+        self._run_hook(self.on_gave_up, reason)
         self.stop()
-        if self.on_gave_up is not None:
-            self.on_gave_up(reason)
 
     def _retry_delay(self, attempt: int) -> float:
         delay = self._policy(attempt)
@@ -225,8 +281,19 @@ class ReconnectingClient:
             and self._last_failure.value.code in TERMINAL_CODES
         if self.on_reconnecting is not None and not terminal:
             # Not from inside ClientService's transition: the hook may stop us.
-            self.reactor.callLater(0, self.on_reconnecting, attempt, delay, self._last_failure)
+            self.reactor.callLater(0, self._run_hook, self.on_reconnecting, attempt, delay,
+                                   self._last_failure)
         return delay
+
+    @staticmethod
+    def _run_hook(hook: Callable[..., Any] | None, *args: Any) -> None:
+        # A bug in a hook must not cost the connection (or loop reconnecting).
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.failure("a ReconnectingClient hook raised: {hook!r}", hook=hook)
 
     def _deliver(self, message: Message) -> None:
         if self.on_message is not None:
