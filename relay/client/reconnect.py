@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable
 
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -19,17 +21,55 @@ from relay.client.protocol import (
     RelayError,
     default_error_handler,
 )
-from relay.wire import ErrorCode
+from relay.wire import ErrorCode, ProtocolError
 
 log = Logger()
 
-# Codes after which reconnecting cannot help: the same request would fail again.
-TERMINAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
+# Codes after which reconnecting cannot help: the same client would be refused
+# again (its credentials), or would break the stream the same way again.
+TERMINAL_CODES = frozenset({
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.INVALID_FRAME,
+    ErrorCode.FRAME_TOO_LARGE,
+    ErrorCode.UNSUPPORTED_VERSION,
+    ErrorCode.UNKNOWN_MESSAGE_TYPE,
+    ErrorCode.PARSE_ERROR,
+})
+# OpenSSL's reasons for refusing a certificate, on either side of the handshake.
+_CERTIFICATE_REASONS = ("certificate", "unknown ca")
 # Reconnection backoff: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, each plus jitter.
 RETRY_INITIAL_DELAY_SECONDS = 0.5
 RETRY_MAX_DELAY_SECONDS = 30.0
 # How long stop() lets the connection close before aborting it.
 STOP_GRACE_SECONDS = 2.0
+
+
+def is_terminal(reason: Failure | None) -> bool:
+    """Whether reconnecting cannot cure ``reason``, so retrying is pointless.
+
+    Terminal: an ERROR whose code is in ``TERMINAL_CODES``; a peer that does
+    not speak Relay v1 (``ProtocolError``); a TLS certificate the client
+    does not trust, a host name it does not match, or a client certificate
+    the server refused.  Refused or lost connections, timeouts and the
+    operational codes (SERVER_SHUTDOWN, SLOW_CONSUMER...) are worth a retry.
+    """
+    while reason is not None:
+        if reason.check(RelayError):
+            return reason.value.code in TERMINAL_CODES
+        if reason.check(ProtocolError, VerificationError, CertificateError):
+            return True
+        if reason.check(SSL.Error):
+            return _refuses_a_certificate(reason.value)
+        # ConnectionLost keeps the transport's own failure as ``reason``.
+        inner = getattr(reason.value, "reason", None)
+        reason = inner if isinstance(inner, Failure) else None
+    return False
+
+
+def _refuses_a_certificate(problem: SSL.Error) -> bool:
+    errors = problem.args[0] if problem.args and isinstance(problem.args[0], list) else []
+    texts = [str(entry[-1]).lower() for entry in errors if isinstance(entry, tuple) and entry]
+    return any(reason in text for text in texts for reason in _CERTIFICATE_REASONS)
 
 
 class _Session(Protocol):
@@ -91,14 +131,15 @@ class ReconnectingClient:
     Rooms joined through it are joined again after every reconnection.
     Requests made while disconnected wait for the next connection; a request
     in flight when the connection drops fails with ``ConnectionLost``.
+    A failure that reconnecting cannot cure (see ``is_terminal``) stops it.
 
     Hooks (plain attributes, all optional):
 
     - ``on_connected(client)``: a connection is ready and its rooms re-joined;
     - ``on_disconnected(reason)``: an established connection ended;
     - ``on_reconnecting(attempt, delay, reason)``: next attempt in ``delay`` s;
-    - ``on_gave_up(reason)``: a terminal error (e.g. UNAUTHORIZED); it stops
-      as soon as the hook returns;
+    - ``on_gave_up(reason)``: a terminal failure (UNAUTHORIZED, an untrusted
+      certificate...); it stops as soon as the hook returns;
     - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol.
     """
 
@@ -263,7 +304,7 @@ class ReconnectingClient:
         return failure
 
     def _check_terminal(self, reason: Failure | None) -> None:
-        if reason is not None and reason.check(RelayError) and reason.value.code in TERMINAL_CODES:
+        if is_terminal(reason):
             # Let ClientService settle first, then stop its retry.
             self.reactor.callLater(0, self._give_up, reason)
 
@@ -277,9 +318,7 @@ class ReconnectingClient:
 
     def _retry_delay(self, attempt: int) -> float:
         delay = self._policy(attempt)
-        terminal = self._last_failure is not None and self._last_failure.check(RelayError) \
-            and self._last_failure.value.code in TERMINAL_CODES
-        if self.on_reconnecting is not None and not terminal:
+        if self.on_reconnecting is not None and not is_terminal(self._last_failure):
             # Not from inside ClientService's transition: the hook may stop us.
             self.reactor.callLater(0, self._run_hook, self.on_reconnecting, attempt, delay,
                                    self._last_failure)
