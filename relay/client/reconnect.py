@@ -145,12 +145,12 @@ class ReconnectingClient:
 
     def __init__(self, reactor: Any, description: str, *, user: str | None = None,
                  token: str | None = None, echo: bool = False, ca_file: str | None = None,
-                 client_cert: str | None = None,
+                 client_cert: str | None = None, acks: bool = False,
                  retry_policy: Callable[[int], float] | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-        self.factory = RelayClientFactory(reactor, user=user, token=token, echo=echo)
+        self.factory = RelayClientFactory(reactor, user=user, token=token, echo=echo, acks=acks)
         self.rooms: dict[str, None] = {}  # ordered set of acked room names
         self.client: RelayClientProtocol | None = None
         self.on_connected: Callable[[RelayClientProtocol], Any] | None = None
@@ -246,8 +246,9 @@ class ReconnectingClient:
         self.rooms.pop(room.strip(), None)
         return self._call(lambda client: client.leave(room))
 
-    def send(self, room: str, content: Any) -> defer.Deferred[None]:
-        """Publish JSON ``content``; fires once written (see ``RelayClientProtocol.send``)."""
+    def send(self, room: str, content: Any) -> defer.Deferred[int | None]:
+        """Publish JSON ``content``: fires with its ``seq`` once accepted when
+        acks are enabled, else once written (see ``RelayClientProtocol.send``)."""
         return self._call(lambda client: client.send(room, content))
 
     def send_binary(self, room: str, data: bytes) -> defer.Deferred[None]:
