@@ -115,16 +115,21 @@ class ClientProcess(ProcessProtocol):
 
 
 def spawn(test: unittest.TestCase, *arguments: str, name: str = "client",
-          terminal: bool = False) -> ClientProcess:
-    """Start ``relay-client`` with ``arguments``, killed at cleanup if still running."""
+          terminal: bool = False, merged: bool = False) -> ClientProcess:
+    """Start ``relay-client`` with ``arguments``, killed at cleanup if still running.
+
+    ``merged`` sends its standard error into its standard output, as a CI log does.
+    """
     process = ClientProcess(name)
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [PROJECT_ROOT, environment.get("PYTHONPATH")])
     )
+    command = [sys.executable, "-m", "relay.client.cli", *arguments]
+    if merged:
+        command = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *command]
     reactor.spawnProcess(
-        process, sys.executable, [sys.executable, "-m", "relay.client.cli", *arguments],
-        env=environment, path=PROJECT_ROOT, usePTY=terminal,
+        process, command[0], command, env=environment, path=PROJECT_ROOT, usePTY=terminal,
     )
 
     async def reap() -> None:
@@ -199,6 +204,16 @@ class ScriptExitStatusTests(CLITestCase):
         # The commands after the refusal still ran.
         self.assertRegex(script.out, r"(?m)^✓ lobby #1$")
         script.assert_quiet(self)
+
+    async def test_errors_keep_their_place_among_the_other_lines_of_a_log(self) -> None:
+        script = spawn(self, self.endpoint(), "-c", "join lobby", "-c", "send #kitchen hi",
+                       "-c", "send hi", merged=True)
+        self.assertEqual(await script.ended, 1)
+        self.assertEqual(script.lines["out"][-3:], [
+            "* joined lobby (1 member)",
+            "relay-client: NOT_IN_ROOM: not a member of room 'kitchen'",
+            "✓ lobby #1",
+        ])
 
     async def test_invalid_room_exits_1(self) -> None:
         script = self.run_script("join " + "x" * 65)

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, BinaryIO, Callable, TextIO
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -151,6 +151,28 @@ def _describe_tls_failure(failure: Failure) -> str | None:
     return None
 
 
+class BlockingOutput:
+    """Standard output written at once, line by line, as most tools do.
+
+    A script's two streams often end up in one log: written synchronously
+    like standard error, its lines keep their order there.  ``on_lost`` is
+    called once nobody reads any more.
+    """
+
+    def __init__(self, stream: BinaryIO, on_lost: Callable[[], None]) -> None:
+        self._stream = stream
+        self._on_lost = on_lost
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except BrokenPipeError:
+            # What is left in the buffer goes nowhere, not into a complaint at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            self._on_lost()
+
+
 class Console:
     """Where each kind of line goes.
 
@@ -158,13 +180,14 @@ class Console:
     the server) or ``?`` (with what was typed).  In a script, problems go to
     standard error as ``relay-client: ...``; with ``json_lines`` standard
     output carries only the messages, and news goes to standard error too.
+    ``stdout`` takes bytes: the terminal's transport, or a ``BlockingOutput``.
     """
 
     def __init__(self, interactive: bool, json_lines: bool, stderr: TextIO) -> None:
         self.interactive = interactive
         self.json_lines = json_lines
         self.stderr = stderr
-        self.stdout: Any = None  # the standard output transport, once wired
+        self.stdout: Any = None
 
     def news(self, line: str) -> None:
         if self.json_lines:
@@ -271,7 +294,10 @@ class ChatSession(LineReceiver):
     # Standard input and output
 
     def connectionMade(self) -> None:
-        self.console.stdout = self.transport
+        if self.settings.interactive:  # one pane: in order with what is typed
+            self.console.stdout = self.transport
+        else:
+            self.console.stdout = BlockingOutput(sys.stdout.buffer, self._output_lost)
 
     def lineReceived(self, raw: bytes) -> None:
         self.run_command(raw.decode("utf-8", "replace"))
@@ -645,6 +671,11 @@ def start_logging(verbose: bool, debug: bool) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _stdout_descriptor(interactive: bool) -> int:
+    """Standard output for the stdio transport; a script writes its own."""
+    return 1 if interactive else os.open(os.devnull, os.O_WRONLY)
+
+
 def _stdin_descriptor(options: argparse.Namespace) -> int:
     """Standard input, or an empty one: with --exec, or when it is closed."""
     if not options.exec:
@@ -677,7 +708,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         timeout=options.timeout, wait_for=options.wait_for, ca_file=options.ca_file,
     )
     session = ChatSession(client, reactor, console, settings)
-    stdio.StandardIO(session, stdin=_stdin_descriptor(options), reactor=reactor)
+    stdio.StandardIO(session, stdin=_stdin_descriptor(options),
+                     stdout=_stdout_descriptor(interactive), reactor=reactor)
     over: defer.Deferred[None] = defer.Deferred()
     # Ctrl-C (or SIGTERM) stops the reactor: leave cleanly on the way out.
     reactor.addSystemEventTrigger("before", "shutdown", _interrupted, session, over)
