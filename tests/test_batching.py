@@ -13,11 +13,10 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
-
 from zope.interface import directlyProvides
 
-from relay.server.protocol import IMessageTransport, State
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.protocol import IMessageTransport, State
 from relay.wire import (
     Decoder,
     ErrorCode,
@@ -29,7 +28,6 @@ from relay.wire import (
     encode_json,
     loads,
 )
-
 from tests.support import IntegrationTestCase, StringConnection
 
 ROOM = "lobby"

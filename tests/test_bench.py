@@ -16,8 +16,14 @@ from relay.tools.bench import (
     parse_args,
     stamp,
 )
-from relay.wire import Flags, MessageType, encode, encode_binary_delivery, encode_json, loads
-
+from relay.wire import (
+    Flags,
+    MessageType,
+    encode,
+    encode_binary_delivery,
+    encode_json,
+    loads,
+)
 from tests.support import LoopbackServerMixin
 
 

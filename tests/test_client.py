@@ -54,7 +54,6 @@ from relay.wire import (
 )
 from tests.support import IntegrationTestCase
 
-
 # Unit tests: the protocol against a fake server made of frames.
 
 

@@ -57,7 +57,6 @@ class OptionsTests(unittest.TestCase):
     def test_limits_must_be_positive(self) -> None:
         for option in (
             "--max-frame-size",
-            "--idle-timeout",
             "--max-pending",
             "--max-rooms",
             "--max-connections",

@@ -25,14 +25,14 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http import HTTPChannel
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.uri import parse_uri
 from websockets.sync.client import ClientConnection, connect
+from websockets.uri import parse_uri
 
 from relay import wsmapping
 from relay.client import connect as connect_relay
 from relay.server import tls, websocket
-from relay.server.protocol import RelayProtocol, State
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.protocol import RelayProtocol, State
 from relay.server.tap import Options, makeService
 from relay.wire import (
     MAX_ENVELOPE,

@@ -17,14 +17,18 @@ from twisted.internet.endpoints import (
     quoteStringArgument,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamClientEndpointStringParserWithReactor
+from twisted.internet.interfaces import (
+    IStreamClientEndpoint,
+    IStreamClientEndpointStringParserWithReactor,
+)
 from twisted.internet.protocol import Factory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from relay.client.protocol import RelayClientFactory, RelayClientProtocol
 from relay.pem import load_certificates, load_private_certificate
-from relay.wsmapping import PATH as WEBSOCKET_PATH, SUBPROTOCOL as WEBSOCKET_SUBPROTOCOL
+from relay.wsmapping import PATH as WEBSOCKET_PATH
+from relay.wsmapping import SUBPROTOCOL as WEBSOCKET_SUBPROTOCOL
 
 # How long one TCP connection attempt may take (Twisted's default too).
 CONNECT_TIMEOUT_SECONDS = 30.0

@@ -3,9 +3,12 @@
 ``RelayClientProtocol`` sends HELLO, matches replies to requests by the JSON
 ``"id"`` every request carries, heartbeats at the interval the server
 advertises, and hands deliveries to ``on_message`` and ``messages()``.
-MESSAGE has no ack in Relay v1: ``send()`` fires once the frame is written,
-and an ERROR the server sends back for it later goes to ``on_error``.
-It speaks the wire format through the project's codec (``relay.wire``).
+Plain Relay v1 has no ack for MESSAGE: ``send()`` fires once the frame is
+written, and an ERROR the server sends back for it later goes to
+``on_error``.  With the ``acks`` extension negotiated in HELLO, ``send()``
+fires with the room's ``seq`` once the server accepted the message, or fails
+with its ERROR.  It speaks the wire format through the project's codec
+(``relay.wire``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ log = Logger()
 HELLO_TIMEOUT_SECONDS = 30.0
 # The server is presumed dead after this many heartbeat intervals of silence.
 MISSED_HEARTBEATS = 2
+# The HELLO extension that acknowledges each accepted JSON MESSAGE.
+ACKS = "acks"
 
 
 class RelayError(Exception):
@@ -193,13 +198,19 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     The protocol is an ``IConsumer``: a producer registered here is registered
     on the transport, so it is paused while the socket cannot take more.
     ``write()`` takes whole encoded Relay frames.
+
+    ``acks=True`` asks the server for the ``acks`` extension; once the HELLO
+    ack lists it (``acks_enabled``), ``send()`` waits for the server's answer.
     """
 
     def __init__(self, reactor: Any, user: str | None = None, token: str | None = None,
-                 echo: bool = False) -> None:
+                 echo: bool = False, acks: bool = False) -> None:
         self._reactor = reactor
         self.callLater = reactor.callLater  # for TimeoutMixin
-        self._hello = _hello_body(user, token, echo)
+        self._hello = _hello_body(user, token, echo, [ACKS] if acks else [])
+        self._asked_acks = acks
+        # Ids of sends written before the HELLO ack said whether acks are on.
+        self._unconfirmed_sends: set[int] = set()
         self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE)
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred[dict[str, Any]]] = {}
@@ -231,6 +242,17 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         """Seconds between automatic heartbeats, as the server advertised."""
         return self.server_info.get("heartbeatInterval")
 
+    @property
+    def features(self) -> list[str]:
+        """The extensions the HELLO ack enabled for this connection."""
+        features = self.server_info.get("features")
+        return [f for f in features if isinstance(f, str)] if isinstance(features, list) else []
+
+    @property
+    def acks_enabled(self) -> bool:
+        """Whether the server acknowledges each accepted ``send()``."""
+        return self._asked_acks and ACKS in self.features
+
     def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Join ``room``; fires with the ack body (``room``, ``members``)."""
         return self._request(MessageType.JOIN_ROOM, {"room": room})
@@ -239,15 +261,27 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         """Leave ``room``; fires with the ack body."""
         return self._request(MessageType.LEAVE_ROOM, {"room": room})
 
-    def send(self, room: str, content: Any) -> defer.Deferred[None]:
-        """Publish JSON ``content`` to ``room``; fires once the frame is written.
+    def send(self, room: str, content: Any) -> defer.Deferred[int | None]:
+        """Publish JSON ``content`` to ``room``.
 
-        Relay v1 does not acknowledge MESSAGE, so success only means "sent".
-        If the server refuses it (NOT_IN_ROOM, RATE_LIMITED...) the RelayError
-        reaches ``on_error``, its ``request_id`` being this message's id.
+        With ``acks_enabled`` it fires with the room's ``seq`` for the message
+        once the server accepted it, or fails with the server's RelayError
+        (NOT_IN_ROOM, RATE_LIMITED...).  Otherwise plain Relay v1 applies: it
+        fires with None once the frame is written, and a refusal reaches
+        ``on_error``, its ``request_id`` being this message's id.
         """
-        body = {"id": next(self._ids), "room": room, "content": content}
-        return self._write_frame(encode_json(MessageType.MESSAGE, body))
+        request_id = next(self._ids)
+        frame = encode_json(MessageType.MESSAGE, {"id": request_id, "room": room, "content": content})
+        if not self._asked_acks or (self.ready.called and not self.acks_enabled):
+            return self._write_frame(frame)
+        problem = self._unsendable(frame)
+        if problem is not None:
+            return defer.fail(problem)
+        accepted = self._expect(request_id)
+        if not self.ready.called:
+            self._unconfirmed_sends.add(request_id)
+        self.transport.write(frame)
+        return accepted.addCallback(lambda ack: ack.get("seq"))
 
     def send_binary(self, room: str, data: bytes) -> defer.Deferred[None]:
         """Publish ``data`` to ``room`` byte for byte; fires once written.
@@ -392,7 +426,16 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             self.on_error(relay_error)
 
     def _on_message(self, frame: Frame) -> None:
-        message = _parse_delivery(frame)
+        if frame.is_binary:
+            message = _binary_delivery(frame)
+        else:
+            body = loads(frame.payload)
+            if not isinstance(body, dict):
+                raise ProtocolError(ErrorCode.PARSE_ERROR, "MESSAGE payload is not an object")
+            if self._asked_acks and _is_publish_ack(body):
+                self._on_reply(body)
+                return
+            message = _json_delivery(body)
         if self.on_message is not None:
             try:
                 self.on_message(message)
@@ -432,8 +475,19 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             self.setTimeout(MISSED_HEARTBEATS * interval)
         else:
             self.setTimeout(None)
+        self._settle_unconfirmed_sends()
         log.info("Relay connected as {user}", user=self.user_id)
         self.ready.callback(self)
+
+    def _settle_unconfirmed_sends(self) -> None:
+        """Sends written before the HELLO ack: without acks, none will come."""
+        unconfirmed, self._unconfirmed_sends = self._unconfirmed_sends, set()
+        if self.acks_enabled:
+            return
+        for request_id in unconfirmed:
+            waiter = self._pending.pop(request_id, None)
+            if waiter is not None and not waiter.called:
+                waiter.callback({})
 
     def _on_hello_failed(self, failure: Failure) -> None:
         if not self.ready.called:
@@ -461,15 +515,22 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         return waiter
 
     def _write_frame(self, frame: bytes) -> defer.Deferred[None]:
-        if not self.is_open:
-            return defer.fail(self._not_connected())
-        length = len(frame) - 4
-        if length > self.max_frame_size:
-            return defer.fail(ValueError(
-                f"a {length}-byte frame exceeds the server's limit of {self.max_frame_size}"
-            ))
+        problem = self._unsendable(frame)
+        if problem is not None:
+            return defer.fail(problem)
         self.transport.write(frame)
         return defer.succeed(None)
+
+    def _unsendable(self, frame: bytes) -> Exception | None:
+        """Why ``frame`` cannot be written now, or None if it can."""
+        if not self.is_open:
+            return self._not_connected()
+        length = len(frame) - 4
+        if length > self.max_frame_size:
+            return ValueError(
+                f"a {length}-byte frame exceeds the server's limit of {self.max_frame_size}"
+            )
+        return None
 
     def _send_ping(self, waiter: defer.Deferred[float] | None) -> bool:
         if not self.is_open:
@@ -516,22 +577,29 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             raise self._not_connected()
 
 
-def _hello_body(user: str | None, token: str | None, echo: bool) -> dict[str, Any]:
+def _hello_body(user: str | None, token: str | None, echo: bool,
+                features: list[str]) -> dict[str, Any]:
     body: dict[str, Any] = {"clientVersion": f"relay-client/{__version__}", "echo": echo}
     if user is not None:
         body["userId"] = user
     if token is not None:
         body["token"] = token
+    if features:  # a client asking for nothing sends no list, as before
+        body["features"] = features
     return body
 
 
-def _parse_delivery(frame: Frame) -> Message:
-    if frame.is_binary:
-        room, sender, data = decode_binary_delivery(frame.payload)
-        return Message(room=room, sender=sender, data=data, binary=True)
-    body = loads(frame.payload)
-    if not isinstance(body, dict):
-        raise ProtocolError(ErrorCode.PARSE_ERROR, "MESSAGE payload is not an object")
+def _is_publish_ack(body: dict[str, Any]) -> bool:
+    # An ack has no "from", so it cannot be taken for a delivery.
+    return body.get("status") == "published" and "from" not in body
+
+
+def _binary_delivery(frame: Frame) -> Message:
+    room, sender, data = decode_binary_delivery(frame.payload)
+    return Message(room=room, sender=sender, data=data, binary=True)
+
+
+def _json_delivery(body: dict[str, Any]) -> Message:
     return Message(
         room=str(body.get("room", "")),
         sender=str(body.get("from", "")),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable
 
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.client.endpoints import build_endpoint
@@ -18,13 +21,55 @@ from relay.client.protocol import (
     RelayError,
     default_error_handler,
 )
-from relay.wire import ErrorCode
+from relay.wire import ErrorCode, ProtocolError
 
-# Codes after which reconnecting cannot help: the same request would fail again.
-TERMINAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
+log = Logger()
+
+# Codes after which reconnecting cannot help: the same client would be refused
+# again (its credentials), or would break the stream the same way again.
+TERMINAL_CODES = frozenset({
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.INVALID_FRAME,
+    ErrorCode.FRAME_TOO_LARGE,
+    ErrorCode.UNSUPPORTED_VERSION,
+    ErrorCode.UNKNOWN_MESSAGE_TYPE,
+    ErrorCode.PARSE_ERROR,
+})
+# OpenSSL's reasons for refusing a certificate, on either side of the handshake.
+_CERTIFICATE_REASONS = ("certificate", "unknown ca")
 # Reconnection backoff: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, each plus jitter.
 RETRY_INITIAL_DELAY_SECONDS = 0.5
 RETRY_MAX_DELAY_SECONDS = 30.0
+# How long stop() lets the connection close before aborting it.
+STOP_GRACE_SECONDS = 2.0
+
+
+def is_terminal(reason: Failure | None) -> bool:
+    """Whether reconnecting cannot cure ``reason``, so retrying is pointless.
+
+    Terminal: an ERROR whose code is in ``TERMINAL_CODES``; a peer that does
+    not speak Relay v1 (``ProtocolError``); a TLS certificate the client
+    does not trust, a host name it does not match, or a client certificate
+    the server refused.  Refused or lost connections, timeouts and the
+    operational codes (SERVER_SHUTDOWN, SLOW_CONSUMER...) are worth a retry.
+    """
+    while reason is not None:
+        if reason.check(RelayError):
+            return reason.value.code in TERMINAL_CODES
+        if reason.check(ProtocolError, VerificationError, CertificateError):
+            return True
+        if reason.check(SSL.Error):
+            return _refuses_a_certificate(reason.value)
+        # ConnectionLost keeps the transport's own failure as ``reason``.
+        inner = getattr(reason.value, "reason", None)
+        reason = inner if isinstance(inner, Failure) else None
+    return False
+
+
+def _refuses_a_certificate(problem: SSL.Error) -> bool:
+    errors = problem.args[0] if problem.args and isinstance(problem.args[0], list) else []
+    texts = [str(entry[-1]).lower() for entry in errors if isinstance(entry, tuple) and entry]
+    return any(reason in text for text in texts for reason in _CERTIFICATE_REASONS)
 
 
 class _Session(Protocol):
@@ -68,11 +113,14 @@ class _ReadyEndpoint:
         return ready
 
     def _present(self, client: RelayClientProtocol, service_factory: Any) -> Any:
+        # First, so the owner hears of a loss before ClientService schedules the retry.
+        self._owner._connected(client)
+        if self._owner.stopped:
+            # A hook stopped it: ClientService, stopping too, must not get this connection.
+            raise defer.CancelledError("stopped while connecting")
         session = service_factory.buildProtocol(client.transport.getPeer())
         session.attach(client)
         session.makeConnection(client.transport)
-        # The owner hears of a loss before ClientService schedules the retry.
-        self._owner._connected(client)
         client.when_closed().addCallback(lambda _: session.connectionLost(client.close_reason))
         return session
 
@@ -83,24 +131,26 @@ class ReconnectingClient:
     Rooms joined through it are joined again after every reconnection.
     Requests made while disconnected wait for the next connection; a request
     in flight when the connection drops fails with ``ConnectionLost``.
+    A failure that reconnecting cannot cure (see ``is_terminal``) stops it.
 
     Hooks (plain attributes, all optional):
 
     - ``on_connected(client)``: a connection is ready and its rooms re-joined;
     - ``on_disconnected(reason)``: an established connection ended;
     - ``on_reconnecting(attempt, delay, reason)``: next attempt in ``delay`` s;
-    - ``on_gave_up(reason)``: a terminal error (e.g. UNAUTHORIZED); stopped;
+    - ``on_gave_up(reason)``: a terminal failure (UNAUTHORIZED, an untrusted
+      certificate...); it stops as soon as the hook returns;
     - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol.
     """
 
     def __init__(self, reactor: Any, description: str, *, user: str | None = None,
                  token: str | None = None, echo: bool = False, ca_file: str | None = None,
-                 client_cert: str | None = None,
+                 client_cert: str | None = None, acks: bool = False,
                  retry_policy: Callable[[int], float] | None = None) -> None:
         self.reactor = reactor
         self.description = description
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-        self.factory = RelayClientFactory(reactor, user=user, token=token, echo=echo)
+        self.factory = RelayClientFactory(reactor, user=user, token=token, echo=echo, acks=acks)
         self.rooms: dict[str, None] = {}  # ordered set of acked room names
         self.client: RelayClientProtocol | None = None
         self.on_connected: Callable[[RelayClientProtocol], Any] | None = None
@@ -114,6 +164,10 @@ class ReconnectingClient:
         )
         self._last_failure: Failure | None = None
         self._hub = MessageHub()
+        # Requests wait here, not in ClientService, so that they can be made
+        # from any callback, even one run while ClientService changes state.
+        self._waiting: list[defer.Deferred[RelayClientProtocol]] = []
+        self._stopped = False
         self._service = ClientService(
             _ReadyEndpoint(self), Factory.forProtocol(_Session),
             retryPolicy=self._retry_delay, clock=reactor,
@@ -121,22 +175,63 @@ class ReconnectingClient:
 
     def start(self) -> None:
         """Start connecting (and keep reconnecting until ``stop``)."""
+        self._stopped = False
         self._service.startService()
 
     def stop(self) -> defer.Deferred[None]:
-        """Stop reconnecting and close the connection; fires once closed."""
+        """Stop reconnecting and close the connection; fires once closed.
+
+        Requests still waiting for a connection fail with ``CancelledError``.
+        A connection that has not closed after ``STOP_GRACE_SECONDS`` (a
+        server that stopped reading) is aborted.
+        """
+        self._stopped = True
         self._hub.close()
-        if not self._service.running:
-            return defer.succeed(None)
-        return self._service.stopService()
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.cancel()
+        closing = [self._service.stopService()] if self._service.running else []
+        if self.connected:
+            # Closed here too: ClientService leaves open a connection that
+            # was being handed to it when it was stopped.
+            closing.append(self._close(self.client))
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
+    def _close(self, client: RelayClientProtocol) -> defer.Deferred[None]:
+        abort = self.reactor.callLater(STOP_GRACE_SECONDS, client.transport.abortConnection)
+
+        def closed(result: None) -> None:
+            if abort.active():
+                abort.cancel()
+
+        return client.disconnect().addCallback(closed)
 
     @property
     def connected(self) -> bool:
+        """Whether a ready connection is up now."""
         return self.client is not None and self.client.is_open
 
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop`` was called (or a terminal failure stopped it)."""
+        return self._stopped
+
     def when_connected(self) -> defer.Deferred[RelayClientProtocol]:
-        """The current ready connection, or the next one."""
-        return self._service.whenConnected().addCallback(lambda session: session.client)
+        """The current ready connection, or the next one.
+
+        Fails with ``CancelledError`` once ``stop`` has been called.
+        """
+        if self.connected:
+            return defer.succeed(self.client)
+        if self._stopped:
+            return defer.fail(defer.CancelledError("the client has been stopped"))
+        waiter: defer.Deferred[RelayClientProtocol] = defer.Deferred(self._forget)
+        self._waiting.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: defer.Deferred[RelayClientProtocol]) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
 
     def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Join ``room`` (now and after each reconnection); fires with the ack."""
@@ -151,8 +246,9 @@ class ReconnectingClient:
         self.rooms.pop(room.strip(), None)
         return self._call(lambda client: client.leave(room))
 
-    def send(self, room: str, content: Any) -> defer.Deferred[None]:
-        """Publish JSON ``content``; fires once written (see ``RelayClientProtocol.send``)."""
+    def send(self, room: str, content: Any) -> defer.Deferred[int | None]:
+        """Publish JSON ``content``: fires with its ``seq`` once accepted when
+        acks are enabled, else once written (see ``RelayClientProtocol.send``)."""
         return self._call(lambda client: client.send(room, content))
 
     def send_binary(self, room: str, data: bytes) -> defer.Deferred[None]:
@@ -190,16 +286,17 @@ class ReconnectingClient:
         self.client = client
         self._last_failure = None
         client.when_closed().addCallback(lambda _: self._disconnected(client))
-        if self.on_connected is not None:
-            self.on_connected(client)
+        self._run_hook(self.on_connected, client)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(client)
 
     def _disconnected(self, client: RelayClientProtocol) -> None:
         if self.client is client:
             self.client = None
         reason = client.close_reason
         self._last_failure = reason
-        if self.on_disconnected is not None:
-            self.on_disconnected(reason)
+        self._run_hook(self.on_disconnected, reason)
         self._check_terminal(reason)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
@@ -208,25 +305,35 @@ class ReconnectingClient:
         return failure
 
     def _check_terminal(self, reason: Failure | None) -> None:
-        if reason is not None and reason.check(RelayError) and reason.value.code in TERMINAL_CODES:
+        if is_terminal(reason):
             # Let ClientService settle first, then stop its retry.
             self.reactor.callLater(0, self._give_up, reason)
 
     def _give_up(self, reason: Failure) -> None:
-        if not self._service.running:
+        if self._stopped or not self._service.running:
             return
+        # The cause first, then its consequences: stopping cancels the
+        # requests still waiting for a connection.
+        self._run_hook(self.on_gave_up, reason)
         self.stop()
-        if self.on_gave_up is not None:
-            self.on_gave_up(reason)
 
     def _retry_delay(self, attempt: int) -> float:
         delay = self._policy(attempt)
-        terminal = self._last_failure is not None and self._last_failure.check(RelayError) \
-            and self._last_failure.value.code in TERMINAL_CODES
-        if self.on_reconnecting is not None and not terminal:
+        if self.on_reconnecting is not None and not is_terminal(self._last_failure):
             # Not from inside ClientService's transition: the hook may stop us.
-            self.reactor.callLater(0, self.on_reconnecting, attempt, delay, self._last_failure)
+            self.reactor.callLater(0, self._run_hook, self.on_reconnecting, attempt, delay,
+                                   self._last_failure)
         return delay
+
+    @staticmethod
+    def _run_hook(hook: Callable[..., Any] | None, *args: Any) -> None:
+        # A bug in a hook must not cost the connection (or loop reconnecting).
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.failure("a ReconnectingClient hook raised: {hook!r}", hook=hook)
 
     def _deliver(self, message: Message) -> None:
         if self.on_message is not None:

@@ -24,6 +24,7 @@ log = Logger()
 
 # Clients get this long to take their SERVER_SHUTDOWN before being dropped.
 SHUTDOWN_GRACE_SECONDS = 2.0
+DEFAULT_IDLE_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RelayConfig:
     """Limits and timeouts; every field is a command-line option."""
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    idle_timeout: int = 60
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT  # 0: never time a connection out
     max_pending: int = 4 * 1024 * 1024
     max_rooms: int = 64
     max_connections: int = 50_000
@@ -43,8 +44,12 @@ class RelayConfig:
 
     @property
     def heartbeat_interval(self) -> int:
-        """The interval the HELLO ack advertises: half the idle timeout."""
-        return max(1, self.idle_timeout // 2)
+        """The interval the HELLO ack advertises: half the idle timeout.
+
+        Without an idle timeout, clients are still asked to heartbeat at the
+        default pace: their heartbeats are what tells them the server is alive.
+        """
+        return max(1, (self.idle_timeout or DEFAULT_IDLE_TIMEOUT) // 2)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+# HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
+ACKS = "acks"
+# The extensions this server offers, in the order its HELLO ack lists them.
+SUPPORTED_FEATURES = (ACKS,)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -116,6 +120,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         # Set from a verified client certificate; HELLO cannot change it.
         self.certified_user_id: str | None = None
         self.echo = False
+        self.acks = False  # the acks extension, enabled by HELLO
         self.rooms: set[str] = set()
         self._outbox: list[bytes | Fanout] = []
         # The outbox's last entry when it is a Fanout that may still grow.
@@ -183,6 +188,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.transport.bufferSize = self.factory.config.read_size
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
+        if ITCPTransport.providedBy(self.transport):
+            # Finds peers that vanished without a word, even with no idle timeout.
+            self.transport.setTcpKeepAlive(True)
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
         log.info(
@@ -196,7 +204,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 f"the server is at its limit of {self.factory.config.max_connections} connections",
             )
             return
-        self.setTimeout(self.factory.config.idle_timeout)
+        self.setTimeout(self.factory.config.idle_timeout or None)  # 0: no idle timeout
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.state is State.CLOSED:
@@ -304,6 +312,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if hello.user_id is not None:
             self.user_id = hello.user_id
         self.echo = hello.echo
+        enabled = negotiate_features(hello.features)
+        self.acks = ACKS in enabled
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -314,7 +324,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 "serverVersion": __version__,
                 "heartbeatInterval": config.heartbeat_interval,
                 "maxFrameSize": config.max_frame_size,
-                "features": [],
+                "features": enabled,
             },
             request_id,
         )
@@ -372,6 +382,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 ErrorCode.BAD_REQUEST, '"content" is nested too deeply to relay', request_id
             ) from None
         self._publish(room, delivery, request_id)
+        if self.acks and request_id is not None:
+            # After the broadcast, so an echoed delivery comes first; sender only.
+            ack = {"status": "published", "room": room.name, "seq": room.seq}
+            self._reply(MessageType.MESSAGE, ack, request_id)
 
     def _on_binary_message(self, frame: Frame) -> None:
         name, start = parse_binary_publish(frame)
@@ -540,6 +554,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _trace_out(self, data: bytes) -> None:
         if self._debug:
             self._trace("out", Frame(data[5], data[6], data[7:]))
+
+
+def negotiate_features(requested: tuple[str, ...]) -> list[str]:
+    """The extensions to enable: those asked for that this server supports,
+    in the server's order (a client that asks for nothing gets ``[]``)."""
+    asked = set(requested)
+    return [feature for feature in SUPPORTED_FEATURES if feature in asked]
 
 
 def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:

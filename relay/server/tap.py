@@ -31,6 +31,16 @@ def _positive_int(value: str) -> int:
 _positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is not a non-negative integer")
+    return number
+
+
+_non_negative_int.coerceDoc = "Must be 0 or a positive integer."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     """Options of ``twistd relay``."""
 
@@ -44,7 +54,7 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["max-frame-size", None, RelayConfig.max_frame_size, "Largest frame length accepted, in bytes.", _positive_int],
-        ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed.", _positive_int],
+        ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed; 0 never closes a silent client (TCP keepalive still finds dead peers).", _non_negative_int],
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
