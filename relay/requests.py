@@ -18,6 +18,8 @@ from relay.wire import ErrorCode, Flags, Frame, loads, split_binary_message
 
 MAX_ROOM_NAME = 64
 MAX_USER_ID = 128
+MAX_REQUEST_ID = 128
+_ID_INTEGER_BOUND = 10**MAX_REQUEST_ID
 # Unicode category Cc is exactly these two ranges.
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 # Unicode's White_Space property (str.strip() alone also trims U+001C-U+001F).
@@ -94,8 +96,19 @@ def json_body(frame: Frame) -> tuple[dict[str, Any], Any]:
 
 
 def _check_request_id(request_id: Any) -> None:
-    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
-        raise RequestError(ErrorCode.BAD_REQUEST, '"id" must be a string or an integer')
+    """Every reply echoes the id: it must be short (and is not echoed if not)."""
+    kind = type(request_id)
+    if kind is str:
+        valid = len(request_id) <= MAX_REQUEST_ID
+    elif kind is int:
+        valid = -_ID_INTEGER_BOUND < request_id < _ID_INTEGER_BOUND
+    else:
+        valid = False
+    if not valid:
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f'"id" must be a string or an integer of at most {MAX_REQUEST_ID} characters or digits',
+        )
 
 
 def parse_hello(frame: Frame) -> Hello:

@@ -79,11 +79,18 @@ class RequestParserTests(unittest.TestCase):
         self.assertEqual((refusal.code, refusal.request_id), (ErrorCode.BAD_REQUEST, 2))
 
     def test_request_id_must_be_a_string_or_an_integer(self) -> None:
-        for request_id in (True, 1.5, [], {}):
+        for request_id in (True, 1.5, [], {}, "x" * 129, 10**128, -(10**128)):
             refusal = self.refusal(
                 parse_room_request, json_frame(MessageType.JOIN_ROOM, {"room": "a", "id": request_id})
             )
             self.assertEqual(refusal.code, ErrorCode.BAD_REQUEST)
+
+    def test_short_ids_are_accepted(self) -> None:
+        for request_id in ("x" * 128, 10**128 - 1, -(10**128) + 1, 2**70, 0, ""):
+            request = parse_room_request(
+                json_frame(MessageType.JOIN_ROOM, {"room": "a", "id": request_id})
+            )
+            self.assertEqual(request.request_id, request_id)
 
     def test_payload_must_be_a_json_object(self) -> None:
         for frame in (
