@@ -165,10 +165,18 @@ class LoopbackServerMixin:
         Its clients are sent SERVER_SHUTDOWN and closed first; rooms do not
         survive.  ``self.factory`` and ``self.port`` become the new ones.
         """
-        port_number = self.port.getHost().port
+        await self.stop_server()
+        return await self.start_server_again(**config)
+
+    async def stop_server(self: Any) -> None:
+        """Stop listening, then send SERVER_SHUTDOWN to every client."""
+        self.stopped_port_number = self.port.getHost().port
         await self.port.stopListening()
         await self.factory.shutdown()
-        return await self._serve(port_number, config)
+
+    def start_server_again(self: Any, **config: Any) -> defer.Deferred[RelayFactory]:
+        """A fresh factory on the port number ``stop_server`` stopped."""
+        return self._serve(self.stopped_port_number, config)
 
     def _serve(self: Any, port_number: int, config: dict[str, Any]) -> defer.Deferred[RelayFactory]:
         factory = RelayFactory(RelayConfig(**config), reactor=reactor)

@@ -165,21 +165,6 @@ class CLITestCase(IntegrationTestCase):
         await process.wait_for(rf"^\* connected to .* as {name}")
         return process
 
-    async def restart_server(self) -> RelayFactory:
-        """A new server on the port of the one ``stop_server`` stopped."""
-        factory = RelayFactory(reactor=reactor)
-        port = await endpoints.TCP4ServerEndpoint(
-            reactor, self.stopped_port_number, interface="127.0.0.1"
-        ).listen(factory)
-        self.addCleanup(factory.wait_closed)
-        self.addCleanup(port.stopListening)
-        return factory
-
-    async def stop_server(self) -> None:
-        self.stopped_port_number = self.port.getHost().port
-        await self.port.stopListening()
-        await self.factory.shutdown()
-
 
 class ScriptExitStatusTests(CLITestCase):
     """What a script or CI job sees: the exit status and standard error."""
@@ -471,7 +456,7 @@ class TerminalTests(CLITestCase):
         await self.stop_server()
         await frank.wait_for(r"^\* disconnected: SERVER_SHUTDOWN: the server is shutting down$")
         await frank.wait_for(r"^\* reconnecting in \d+\.\d s \(attempt 1\)")
-        factory = await self.restart_server()
+        factory = await self.start_server_again()
         await frank.wait_for(r"^\* connected to .* as frank; in lobby$")
         self.assertEqual(len(factory.registry.get("lobby")), 1)
         frank.type("quit")

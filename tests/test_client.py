@@ -41,7 +41,6 @@ from relay.client.websocket import WebSocketClientEndpoint
 from relay.server.factory import RelayFactory
 from relay.wire import (
     MAX_ENVELOPE,
-    Decoder,
     ErrorCode,
     Flags,
     Frame,
@@ -52,7 +51,7 @@ from relay.wire import (
     encode_json,
     loads,
 )
-from tests.support import IntegrationTestCase
+from tests.support import IntegrationTestCase, permissive_decoder
 
 # Unit tests: the protocol against a fake server made of frames.
 
@@ -75,7 +74,7 @@ def hello_ack(request_id: int = 1, interval: int = 30, max_frame_size: int = 102
 
 def sent_frames(transport: StringTransport) -> list[Frame]:
     """The frames the client wrote since the last call."""
-    frames = list(Decoder(2**31 - 1).feed(transport.value()))
+    frames = list(permissive_decoder().feed(transport.value()))
     transport.clear()
     return frames
 
@@ -539,7 +538,6 @@ class UnixSocketTests(unittest.TestCase):
 
 class ReconnectTests(IntegrationTestCase):
     async def test_reconnects_and_rejoins_after_server_restart(self) -> None:
-        port_number = self.port.getHost().port
         events: list[str] = []
         waiters: dict[str, list[defer.Deferred[Any]]] = {}
 
@@ -568,18 +566,13 @@ class ReconnectTests(IntegrationTestCase):
         stream = client.messages()
 
         disconnected = next_event("disconnected")
-        await self.port.stopListening()
-        await self.factory.shutdown()
+        await self.stop_server()
         (reason,) = await disconnected
         self.assertIs(reason.value.code, ErrorCode.SERVER_SHUTDOWN)
 
         reconnected = next_event("connected")
-        factory = RelayFactory(reactor=reactor)
-        port = await endpoints.TCP4ServerEndpoint(
-            reactor, port_number, interface="127.0.0.1"
-        ).listen(factory)
-        self.addCleanup(factory.wait_closed)
-        self.addCleanup(port.stopListening)
+        await self.start_server_again()
+        port = self.port
         self.addCleanup(client.stop)  # runs first: the server waits for it
         await reconnected
         self.assertIn("reconnecting", events)
@@ -671,7 +664,7 @@ class StallingServer(Protocol):
     """Acks HELLO, then reads nothing until ``start_reading``."""
 
     def connectionMade(self) -> None:
-        self.decoder = Decoder(2**31 - 1)
+        self.decoder = permissive_decoder()
         self.data_bytes = 0
         self.expected = 0
         self.all_received: defer.Deferred[None] = defer.Deferred()
