@@ -196,8 +196,8 @@ class TwistdPluginTests(unittest.TestCase):
         # twistd exits by re-raising the signal it stopped for.
         ended = await server.ended
         self.assertEqual((ended.exitCode, ended.signal), (None, signal.SIGTERM))
-        self.assertIn(b"Relay stopped. Summary", server.output)
-        self.assertIn(b"'connections_total': 1", server.output)
+        self.assertIn(b"Relay stopped after ", server.output)
+        self.assertIn(b"connections 1 (peak 1)", server.output)
 
     async def test_port_in_use_stops_startup_with_a_clear_message(self) -> None:
         taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
