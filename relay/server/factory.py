@@ -105,6 +105,8 @@ class RelayFactory(ServerFactory):
         self._closed_waiters: list[defer.Deferred[None]] = []
         # True from the start of shutdown: /healthz then answers 503.
         self.shutting_down = False
+        # What each live connection runs on, decided once when it opens.
+        self._transport_kinds: dict[RelayProtocol, str] = {}
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)
@@ -118,7 +120,8 @@ class RelayFactory(ServerFactory):
     def connection_opened(self, connection: RelayProtocol) -> None:
         self.connections.add(connection)
         self.stats.connections_total += 1
-        self.stats.connections_by_transport[transport_kind(connection.transport)] += 1
+        kind = self._transport_kinds[connection] = transport_kind(connection.transport)
+        self.stats.connections_by_transport[kind] += 1
         self.stats.connections_peak = max(self.stats.connections_peak, len(self.connections))
 
     def over_capacity(self) -> bool:
@@ -129,8 +132,9 @@ class RelayFactory(ServerFactory):
         self.stats.refused[reason] += 1
 
     def connection_closed(self, connection: RelayProtocol) -> None:
-        if connection in self.connections:
-            self.stats.connections_by_transport[transport_kind(connection.transport)] -= 1
+        kind = self._transport_kinds.pop(connection, None)
+        if kind is not None:
+            self.stats.connections_by_transport[kind] -= 1
         self.connections.discard(connection)
         if not self.connections:
             waiters, self._closed_waiters = self._closed_waiters, []
