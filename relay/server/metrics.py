@@ -66,6 +66,8 @@ PROBE_INTERVAL = 0.1
 DEFAULT_TOP_ROOMS = 10
 MAX_TOP_ROOMS = 100
 TRANSPORTS = ("tcp", "tls", "unix", "websocket")
+# Reasons shown at 0 before the first refusal, so that rates start from it.
+REFUSAL_REASONS = ("max_connections",)
 # Seconds; a delivery within one read and flush is usually well under 1 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 FANOUT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -183,8 +185,8 @@ class RelayCollector:
             "Connections turned away before any work, by reason.",
             labels=["reason"],
         )
-        for reason, count in sorted(stats.refused.items()):
-            refused.add_metric([reason], count)
+        for reason in sorted(set(REFUSAL_REASONS) | set(stats.refused)):
+            refused.add_metric([reason], stats.refused[reason])
         yield refused
         yield _counter(
             "relay_connections_accepted",
