@@ -101,6 +101,16 @@ class RepeatedEventTests(unittest.TestCase):
         self.assertEqual(factory.stats.errors_sent["NOT_IN_ROOM"], 40)
         connection.connectionLost(None)
 
+    def test_error_frames_from_a_client_are_logged_once_per_connection(self) -> None:
+        factory = RelayFactory()
+        connection = factory.buildProtocol(None)
+        connection.makeConnection(StringTransport())
+        connection.dataReceived(encode_json(MessageType.ERROR, {"code": "X"}) * 30)
+        logged = [e for e in self.events if "sent an ERROR frame" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1)
+        self.assertEqual(factory.stats.frames_in_by_type[MessageType.ERROR], 30)
+        connection.connectionLost(None)
+
     def test_a_long_refusal_message_is_bounded_in_the_log(self) -> None:
         factory = RelayFactory()
         connection = factory.buildProtocol(None)

@@ -100,8 +100,9 @@ class IMessageTransport(Interface):
 class RelayProtocol(Protocol, TimeoutMixin):
     """One client connection speaking Relay v1."""
 
-    # Codes of the refusals already logged; shared and empty until the first.
-    _refusals_logged: frozenset[ErrorCode] = frozenset()
+    # Codes of the refusals already logged (and MessageType.ERROR once a
+    # client's ERROR frame was); shared and empty until the first.
+    _refusals_logged: frozenset[ErrorCode | MessageType] = frozenset()
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
@@ -431,8 +432,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _on_client_error(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.ERROR] += 1
+        if MessageType.ERROR in self._refusals_logged:
+            return
+        self._refusals_logged = self._refusals_logged | {MessageType.ERROR}
         log.warn(
-            "{conn} sent an ERROR frame ({size} bytes); ignored",
+            "{conn} sent an ERROR frame ({size} bytes); ignored (logged once per connection)",
             conn=self.connection_id,
             size=len(frame.payload),
         )
