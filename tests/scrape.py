@@ -27,9 +27,9 @@ class _Body(protocol.Protocol):
             self.done.errback(reason)
 
 
-async def http_get(url: str) -> tuple[int, Headers, bytes]:
-    """GET ``url`` over a real connection: status, headers, body."""
-    response = await Agent(reactor).request(b"GET", url.encode("ascii"))
+async def http_get(url: str, method: bytes = b"GET") -> tuple[int, Headers, bytes]:
+    """GET (or ``method``) ``url`` over a real connection: status, headers, body."""
+    response = await Agent(reactor).request(method, url.encode("ascii"))
     body = _Body()
     response.deliverBody(body)
     return response.code, response.headers, await body.done

@@ -182,3 +182,15 @@ async def _connect_when_listening(path: str, watcher: ProcessWatcher) -> FrameCl
         except (error.ConnectError, OSError):
             await task.deferLater(reactor, 0.1, lambda: None)
     raise AssertionError(f"nothing listens on {path}")
+
+
+class LogOptionTests(unittest.TestCase):
+    def test_bad_values_are_refused_by_name(self) -> None:
+        from twisted.python import usage
+
+        from relay.server.tap import Options
+
+        for argv in (["--log-format", "xml"], ["--log-level", "loud"]):
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(argv)
+            self.assertIn(argv[0].lstrip("-"), str(caught.exception))

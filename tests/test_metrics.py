@@ -339,6 +339,24 @@ class HealthTests(MetricsServiceTestCase):
             await http_get(self.url + "healthz")
 
 
+class HeadTests(MetricsServiceTestCase):
+    def setUp(self) -> None:
+        self.start()
+
+    async def test_head_answers_like_get_without_a_body_or_a_log_line(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in ("healthz", "metrics", "rooms", ""):
+            status, headers, body = await http_get(self.url + path, b"HEAD")
+            self.assertEqual((status, body), (200, b""), path)
+            (length,) = headers.getRawHeaders(b"content-length")
+            self.assertGreater(int(length), 0)
+        self.assertEqual([e for e in events if "HEAD" in str(e.get("log_format", ""))], [])
+
+
 class RefusalTests(MetricsServiceTestCase):
     def setUp(self) -> None:
         self.start("--max-connections", "1")

@@ -126,3 +126,54 @@ class SignalUnderLoadTests(unittest.TestCase):
         self.assertIn(b"Relay stopped after", watcher.output)
         client.transport.resumeProducing()
         await client.closed
+
+
+class FakeReactor:
+    """Records what the handler asks of the reactor."""
+
+    def __init__(self) -> None:
+        self.from_thread: list[tuple[Any, tuple[Any, ...]]] = []
+        self.stopped_by: list[int] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.from_thread.append((f, args))
+
+    def sigTerm(self, number: int, frame: Any = None) -> None:
+        self.stopped_by.append(number)
+
+    sigInt = sigTerm
+
+
+class StopSignalsTests(unittest.TestCase):
+    """The handler only hands the signal to the reactor; it never logs."""
+
+    def test_the_handler_defers_everything_to_the_reactor(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        from relay.server.signals import StopSignals
+
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fake = FakeReactor()
+        signals = StopSignals(fake)
+        signals._handle(signal.SIGTERM, None)
+        signals._handle(signal.SIGINT, None)  # a second signal changes nothing
+        self.assertEqual(events, [])
+        self.assertEqual(fake.stopped_by, [])
+        self.assertEqual(len(fake.from_thread), 1)
+        callable_, args = fake.from_thread[0]
+        callable_(*args)  # what the reactor runs between events
+        self.assertEqual(fake.stopped_by, [signal.SIGTERM])
+
+    def test_install_and_uninstall_restore_the_previous_handlers(self) -> None:
+        from relay.server.signals import StopSignals
+
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        signals = StopSignals(FakeReactor())
+        signals.install()
+        try:
+            self.assertEqual(signal.getsignal(signal.SIGTERM), signals._handle)
+        finally:
+            signals.uninstall()
+        self.assertEqual((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)), before)

@@ -46,7 +46,7 @@ LEVELS = {
 def log_format(value: str) -> str:
     """A --log-format value: text or json."""
     if value not in FORMATS:
-        raise ValueError(f"{value!r} is not one of {', '.join(FORMATS)}")
+        raise ValueError(f"--log-format: {value!r} is not one of {', '.join(FORMATS)}")
     return value
 
 
@@ -56,7 +56,7 @@ log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
 def log_level(value: str) -> str:
     """A --log-level value, one of LEVELS."""
     if value not in LEVELS:
-        raise ValueError(f"{value!r} is not one of {', '.join(LEVELS)}")
+        raise ValueError(f"--log-level: {value!r} is not one of {', '.join(LEVELS)}")
     return value
 
 

@@ -341,8 +341,19 @@ def top_rooms(factory: RelayFactory, limit: int) -> dict[str, Any]:
     }
 
 
-class _JSONResource(Resource):
+class _Page(Resource):
+    """A leaf that answers HEAD like GET without a body (health checkers
+    use HEAD; twisted.web would log a line for every one otherwise)."""
+
     isLeaf = True
+
+    def render_HEAD(self, request: Request) -> bytes:
+        body = self.render_GET(request)  # type: ignore[attr-defined]
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+
+
+class _JSONResource(_Page):
 
     def send_json(self, request: Request, status: int, body: Any) -> bytes:
         request.setResponseCode(status)
@@ -378,8 +389,7 @@ class RoomsResource(_JSONResource):
         return self.send_json(request, 200, top_rooms(self.factory, limit))
 
 
-class MetricsResource(Resource):
-    isLeaf = True
+class MetricsResource(_Page):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
@@ -396,10 +406,8 @@ def dashboard_page() -> bytes:
     return resources.files("relay.server").joinpath("static", "dashboard.html").read_bytes()
 
 
-class DashboardPage(Resource):
+class DashboardPage(_Page):
     """The dashboard: one self-contained HTML file that polls /metrics and /rooms."""
-
-    isLeaf = True
 
     def __init__(self, page: bytes) -> None:
         super().__init__()
