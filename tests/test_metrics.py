@@ -374,6 +374,24 @@ class RefusalTests(MetricsServiceTestCase):
         self.assertEqual(values.total("relay_connections"), 1)
 
 
+class TransportKindTests(unittest.TestCase):
+    def test_each_transport_is_named_by_what_it_provides(self) -> None:
+        from twisted.internet.address import UNIXAddress
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import alsoProvides
+
+        from relay.server.factory import transport_kind
+        from relay.server.protocol import IMessageTransport
+
+        tcp, tls, websocket = StringTransport(), StringTransport(), StringTransport()
+        alsoProvides(tls, ISSLTransport)
+        alsoProvides(websocket, IMessageTransport, ISSLTransport)  # wss is a WebSocket
+        unix = StringTransport(hostAddress=UNIXAddress(b"/tmp/relay.sock"))
+        self.assertEqual(
+            [transport_kind(t) for t in (tcp, tls, websocket, unix)], ["tcp", "tls", "websocket", "unix"]
+        )
+
+
 class TransportLabelTests(unittest.TestCase):
     async def test_unix_connections_are_labelled_unix(self) -> None:
         path = os.path.join(tempfile.mkdtemp(), "relay.sock")
