@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr
+
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -12,18 +15,15 @@ from relay.tools.bench import (
     LengthWalker,
     MarkerCounter,
     Tracker,
+    format_report,
     json_message,
     parse_args,
+    plural,
     stamp,
 )
-from relay.wire import (
-    Flags,
-    MessageType,
-    encode,
-    encode_binary_delivery,
-    encode_json,
-    loads,
-)
+from relay.server.tap import Options, makeService
+from relay.wire import Flags, MessageType, encode, encode_binary_delivery, encode_json, loads
+
 from tests.support import LoopbackServerMixin
 
 
@@ -152,3 +152,82 @@ class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
         self.assertGreater(report["received"], 0)
         self.assertEqual(report["lost"], 0)
         self.assertEqual(report["duplicated"], 0)
+
+
+class ReportWordingTests(unittest.TestCase):
+    """The human-readable report shows only what was measured, in plain words."""
+
+    def report(self, **changes: object) -> dict:
+        report = {
+            "published_per_second": 0, "delivered_per_second": 0, "payload_mb_per_second": 0.0,
+            "latency_ms": {"p50": None, "p90": None, "p99": None, "max": None, "samples": 0},
+            "expected": 0, "received": 0, "lost": 0, "lost_connections": 1,
+            "bench_cpu_percent": 3.0, "server_cpu_percent": None, "published_total": 0,
+        }
+        report.update(changes)
+        return report
+
+    def test_no_deliveries_and_no_server_pid_print_no_placeholder(self) -> None:
+        text = format_report(self.report())
+        for placeholder in ("None", "nan", "server None%"):
+            self.assertNotIn(placeholder, text)
+        self.assertIn("no samples", text)
+        self.assertIn("(1 connection lost)", text)
+        self.assertIn("0 of 0 deliveries to subscribers", text)
+
+    def test_counts_are_singular_or_plural(self) -> None:
+        self.assertEqual((plural(1, "connection"), plural(2, "connection")), ("1 connection", "2 connections"))
+        self.assertEqual(plural(0, "delivery", "deliveries"), "0 deliveries")
+
+    def test_server_metrics_are_reported_beside_the_bench_counts(self) -> None:
+        text = format_report(self.report(
+            server_cpu_percent=50.0, published_total=10, received=40,
+            server_metrics={"messages_published": 10, "deliveries": 40, "frames_out": 48,
+                            "bytes_out": 6_400_000, "slow_consumers": 0},
+        ))
+        self.assertIn("server 50.0%", text)
+        self.assertIn("server      published 10  deliveries 40  frames out 48  bytes out 6.4 MB  slow consumers 0", text)
+        self.assertIn("bench       published 10  received 40", text)
+
+    def test_bad_arguments_are_named(self) -> None:
+        for argv, named in (
+            (["--rooms", "0"], "--rooms"),
+            (["--subscribers", "-1"], "--subscribers"),
+            (["--duration", "0"], "--duration"),
+            (["--rate", "fast"], "--rate"),
+            (["--window", "-5"], "--window"),
+            (["--warmup", "nan"], "--warmup"),
+            (["--metrics-url", "localhost:9100"], "--metrics-url"),
+        ):
+            stderr = io.StringIO()
+            with redirect_stderr(stderr), self.assertRaises(SystemExit):
+                parse_args(argv)
+            self.assertIn(f"argument {named}", stderr.getvalue(), argv)
+
+
+class BenchMetricsURLTests(unittest.TestCase):
+    """--metrics-url reads the server's own counts of the run."""
+
+    async def test_server_counts_match_the_bench_counts(self) -> None:
+        options = Options()
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"])
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        config = BenchConfig(
+            endpoint=f"tcp:host=127.0.0.1:port={service.listening_ports[0].getHost().port}",
+            subscribers=3, publishers=1, rooms=1, duration=1.0, warmup=0.2, drain=5.0, rate=200.0,
+            progress=False,
+            metrics_url=f"http://127.0.0.1:{service.metrics_ports[0].getHost().port}/metrics",
+        )
+        report = await Bench(config, reactor).run()
+        server = report["server_metrics"]
+        self.assertEqual(report["lost"], 0)
+        self.assertGreater(report["published_total"], 0)
+        self.assertEqual(server["messages_published"], report["published_total"])
+        self.assertEqual(server["deliveries"], report["received"])
+        self.assertEqual(server["slow_consumers"], 0)
+        self.assertGreater(server["bytes_out"], 0)
+        # HELLO and JOIN acks are frames out too, one each per connection.
+        self.assertEqual(server["frames_out"], report["received"] + 2 * 4)
+        self.assertIn("(its /metrics, whole run)", format_report(report))

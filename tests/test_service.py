@@ -203,6 +203,11 @@ class TwistdPluginTests(unittest.TestCase):
             b"[default: 64]",
             b"--debug",
             b"RELAY_DEBUG",
+            b"--metrics",
+            b"--log-format",
+            b"[default: text]",
+            b"--log-level",
+            b"[default: info]",
         ):
             self.assertIn(expected, out)
 
@@ -223,17 +228,30 @@ class TwistdPluginTests(unittest.TestCase):
         # twistd exits by re-raising the signal it stopped for.
         ended = await server.ended
         self.assertEqual((ended.exitCode, ended.signal), (None, signal.SIGTERM))
-        self.assertIn(b"Relay stopped. Summary", server.output)
-        self.assertIn(b"'connections_total': 1", server.output)
+        self.assertIn(b"Relay stopped after ", server.output)
+        self.assertIn(b"connections 1 (peak 1)", server.output)
 
-    async def test_port_in_use_stops_startup_with_a_clear_message(self) -> None:
+    async def test_port_in_use_stops_startup_with_one_clear_line(self) -> None:
         taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
         server = self.twistd("--port", f"tcp:{port}:interface=127.0.0.1")
         self.assertEqual((await server.ended).exitCode, 1)
-        self.assertIn(b"Couldn't listen on", server.output)
-        self.assertIn(b"Address already in use", server.output)
+        (line,) = [line for line in server.output.splitlines() if b"listen" in line]
+        self.assertIn(b"Relay cannot start: Couldn't listen on 127.0.0.1:%d" % port, line)
+        self.assertIn(b"Address already in use", line)
+        self.assertNotIn(b"Traceback", server.output)
+
+    async def test_metrics_port_in_use_stops_startup_too(self) -> None:
+        taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        server = self.twistd(
+            "--port", "tcp:0:interface=127.0.0.1", "--metrics", f"tcp:{port}:interface=127.0.0.1"
+        )
+        self.assertEqual((await server.ended).exitCode, 1)
+        self.assertIn(b"Relay cannot start: Couldn't listen on 127.0.0.1:%d" % port, server.output)
+        self.assertNotIn(b"Traceback", server.output)
 
     @staticmethod
     def pid_of(collector: ProcessWatcher) -> int:

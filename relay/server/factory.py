@@ -8,15 +8,18 @@ statistics, and graceful shutdown.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from relay.server.fanout import Batch
-from relay.server.protocol import RelayProtocol
+from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
 
@@ -64,6 +67,31 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     messages_published: int = 0
+    # Observability: counted per connection, per request or per error, never
+    # per delivery; relay.server.metrics reads them at scrape time.
+    connections_by_transport: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    errors_sent: Counter[ErrorCode] = field(default_factory=Counter)
+    # Frames in of every type but MESSAGE, counted by their handlers; the
+    # MESSAGE count is frames_in less these.
+    frames_in_by_type: Counter[int] = field(default_factory=Counter)
+    # Frames written one by one (not in a shared Fanout), by type; the
+    # frames of shared Fanouts are all MESSAGE deliveries.
+    frames_out_by_type: Counter[int] = field(default_factory=Counter)
+
+
+def transport_kind(transport: Any) -> str:
+    """What a connection runs on: websocket, tls, unix or tcp."""
+    if IMessageTransport.providedBy(transport):
+        return "websocket"
+    if ISSLTransport.providedBy(transport):
+        return "tls"
+    try:
+        if isinstance(transport.getHost(), UNIXAddress):
+            return "unix"
+    except Exception:
+        pass
+    return "tcp"
 
 
 class RelayFactory(ServerFactory):
@@ -80,6 +108,10 @@ class RelayFactory(ServerFactory):
         # What the current read produced, written out by flush().
         self.batch = Batch()
         self._closed_waiters: list[defer.Deferred[None]] = []
+        # True from the start of shutdown: /healthz then answers 503.
+        self.shutting_down = False
+        # What each live connection runs on, decided once when it opens.
+        self._transport_kinds: dict[RelayProtocol, str] = {}
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)
@@ -93,12 +125,21 @@ class RelayFactory(ServerFactory):
     def connection_opened(self, connection: RelayProtocol) -> None:
         self.connections.add(connection)
         self.stats.connections_total += 1
+        kind = self._transport_kinds[connection] = transport_kind(connection.transport)
+        self.stats.connections_by_transport[kind] += 1
         self.stats.connections_peak = max(self.stats.connections_peak, len(self.connections))
 
     def over_capacity(self) -> bool:
         return len(self.connections) > self.config.max_connections
 
+    def connection_refused(self, reason: str) -> None:
+        """Count a connection turned away before any work, by ``reason``."""
+        self.stats.refused[reason] += 1
+
     def connection_closed(self, connection: RelayProtocol) -> None:
+        kind = self._transport_kinds.pop(connection, None)
+        if kind is not None:
+            self.stats.connections_by_transport[kind] -= 1
         self.connections.discard(connection)
         if not self.connections:
             waiters, self._closed_waiters = self._closed_waiters, []
@@ -116,6 +157,7 @@ class RelayFactory(ServerFactory):
 
         Clients still connected after the grace period are aborted.
         """
+        self.shutting_down = True
         for connection in list(self.connections):
             connection.fail(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down")
         done = self.wait_closed()

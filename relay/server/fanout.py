@@ -26,11 +26,14 @@ frame and a closing one writes its outbox at once.  It holds because a
 member only changes state when its transport is written to, which happens
 at the flush (or in ``fail()``, which writes, and so joins, its outbox
 first); ``RelayProtocol`` checks it under ``--debug``.
+
+Metrics sample a batch now and then (``Batch.probe_next``) rather than
+measuring every one, so the fan-out path does no work for them.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Protocol
+from typing import Callable, Hashable, NamedTuple, Protocol
 
 
 class Member(Hashable, Protocol):
@@ -46,6 +49,11 @@ class Member(Hashable, Protocol):
 
     def flush(self) -> None:
         """Write what is queued to the transport."""
+        ...
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued and not yet written (read by a probe only)."""
         ...
 
 
@@ -82,12 +90,53 @@ class Fanout:
         return self._joined
 
 
+class Probe(NamedTuple):
+    """What one sampled batch did, from its first queued frame to its flush."""
+
+    latency: float  # seconds from the first frame queued to the end of the writes
+    fanout_sizes: list[tuple[int, int]]  # (members handed to, broadcasts) per Fanout
+    queued_bytes: list[int]  # bytes each dirty outbox held when it was flushed
+
+
 class Batch:
     """What one inbound read produced: dirty outboxes and the Fanouts opened."""
 
     def __init__(self) -> None:
         self.fanouts: dict[Hashable, Fanout] = {}
         self._dirty: list[Member] = []
+        self.probing = False
+
+    def probe_next(self, clock: Callable[[], float], observe: Callable[[Probe], None]) -> None:
+        """Measure the next batch that queues a frame, once; then ``observe`` it.
+
+        Until a probe is asked for, batches do no work for it: the probe
+        shadows ``mark_dirty`` and then ``flush`` on this instance for one
+        batch, and the class's own methods are back as soon as it is done.
+        A probe asked for while one is pending is ignored.
+        """
+        if self.probing:
+            return
+        self.probing = True
+
+        def first_mark_dirty(member: Member) -> None:
+            del self.mark_dirty
+            started = clock()
+
+            def probed_flush() -> None:
+                del self.flush
+                self.probing = False
+                sizes = [
+                    (len(f.snapshot) - (f.exclude in f.snapshot), len(f.frames))
+                    for f in self.fanouts.values()
+                ]
+                queued = [m.queued_bytes for m in self._dirty]
+                self.flush()
+                observe(Probe(clock() - started, sizes, queued))
+
+            self.flush = probed_flush  # type: ignore[method-assign]
+            self.mark_dirty(member)
+
+        self.mark_dirty = first_mark_dirty  # type: ignore[method-assign]
 
     def mark_dirty(self, member: Member) -> None:
         """Remember that ``member`` has frames to write at the next flush."""

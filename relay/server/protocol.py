@@ -104,6 +104,10 @@ class IMessageTransport(Interface):
 class RelayProtocol(Protocol, TimeoutMixin):
     """One client connection speaking Relay v1."""
 
+    # Codes of the refusals already logged (and MessageType.ERROR once a
+    # client's ERROR frame was); shared and empty until the first.
+    _refusals_logged: frozenset[ErrorCode | MessageType] = frozenset()
+
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
         config = factory.config
@@ -199,6 +203,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             peer=_describe_peer(self.transport),
         )
         if self.factory.over_capacity():
+            self.factory.connection_refused("max_connections")
             self.fail(
                 ErrorCode.TOO_MANY_CONNECTIONS,
                 f"the server is at its limit of {self.factory.config.max_connections} connections",
@@ -242,6 +247,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         """End the connection with a fatal ERROR, written after what is queued."""
         if not self.accepting:
             return
+        self.factory.stats.errors_sent[code] += 1
         log.info(
             "{conn} closing: {code} {message}", conn=self.connection_id, code=code.value, message=message
         )
@@ -253,6 +259,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if code is ErrorCode.SLOW_CONSUMER:
             # It cannot be flushed to: best effort, then drop it at once.
             self._trace_out(error)
+            stats = self.factory.stats
+            stats.frames_out += 1
+            stats.bytes_out += len(error)
+            stats.frames_out_by_type[MessageType.ERROR] += 1
             self.transport.write(error)
             self.transport.abortConnection()
             return
@@ -287,15 +297,25 @@ class RelayProtocol(Protocol, TimeoutMixin):
         try:
             self._handlers[frame.type](frame)
         except RequestError as refusal:
-            log.info(
-                "{conn} refused a request: {code} {message}",
-                conn=self.connection_id,
-                code=refusal.code.value,
-                message=refusal.message,
-            )
+            self.factory.stats.errors_sent[refusal.code] += 1
+            self._log_refusal(refusal)
             self.enqueue(encode_error(refusal.code, refusal.message, refusal.request_id))
 
+    def _log_refusal(self, refusal: RequestError) -> None:
+        """Log the first refusal of each code on this connection: a client
+        repeating a mistake must not flood the log."""
+        if refusal.code in self._refusals_logged:
+            return
+        self._refusals_logged = self._refusals_logged | {refusal.code}
+        log.info(
+            "{conn} refused a request: {code} {message} (logged once per code per connection)",
+            conn=self.connection_id,
+            code=refusal.code.value,
+            message=_bounded(refusal.message),
+        )
+
     def _on_hello(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.HELLO] += 1
         hello = parse_hello(frame)
         request_id = hello.request_id
         if self._said_hello or self._requests_seen:
@@ -330,6 +350,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         )
 
     def _on_join(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1
         self._requests_seen = True
         request_id, room = parse_room_request(frame)
         if room not in self.rooms:
@@ -348,6 +369,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         )
 
     def _on_leave(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.LEAVE_ROOM] += 1
         self._requests_seen = True
         request_id, room = parse_room_request(frame)
         if room in self.rooms:
@@ -418,11 +440,16 @@ class RelayProtocol(Protocol, TimeoutMixin):
         room.broadcast(delivery, exclude=None if self.echo else self, batch=self._batch)
 
     def _on_heartbeat(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.HEARTBEAT] += 1
         self.enqueue(encode(MessageType.HEARTBEAT, frame.flags, frame.payload))
 
     def _on_client_error(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.ERROR] += 1
+        if MessageType.ERROR in self._refusals_logged:
+            return
+        self._refusals_logged = self._refusals_logged | {MessageType.ERROR}
         log.warn(
-            "{conn} sent an ERROR frame ({size} bytes); ignored",
+            "{conn} sent an ERROR frame ({size} bytes); ignored (logged once per connection)",
             conn=self.connection_id,
             size=len(frame.payload),
         )
@@ -499,6 +526,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if self._keeps_message_boundaries:
             frames = _frames_of(entries)
             stats.frames_out += len(frames)
+            for entry in entries:
+                if type(entry) is not Fanout:
+                    stats.frames_out_by_type[entry[5]] += 1
             stats.bytes_out += sum(map(len, frames))
             self.transport.writeSequence(frames)
             return
@@ -509,6 +539,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 data = entry.join()
             else:
                 stats.frames_out += 1
+                stats.frames_out_by_type[entry[5]] += 1
                 data = entry
         else:
             parts = []
@@ -518,6 +549,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     parts.append(entry.join())
                 else:
                     stats.frames_out += 1
+                    stats.frames_out_by_type[entry[5]] += 1
                     parts.append(entry)
             data = b"".join(parts)
         stats.bytes_out += len(data)
@@ -576,6 +608,16 @@ def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
 
 def _outbox_bytes(entries: list[bytes | Fanout]) -> int:
     return sum(entry.size if type(entry) is Fanout else len(entry) for entry in entries)
+
+
+# Longest refusal message logged: it may quote what the client sent.
+_LOGGED_MESSAGE_LIMIT = 200
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= _LOGGED_MESSAGE_LIMIT:
+        return message
+    return message[:_LOGGED_MESSAGE_LIMIT] + "..."
 
 
 def _type_name(type_: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from relay.server.fanout import Batch, Fanout, Member
 
 
@@ -80,6 +82,10 @@ class RoomRegistry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._rooms
+
+    def __iter__(self) -> Iterator[Room]:
+        """Every live room (for metrics; do not join or leave while iterating)."""
+        return iter(self._rooms.values())
 
     def get(self, name: str) -> Room | None:
         return self._rooms.get(name)

@@ -7,14 +7,17 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import tls
+from relay.server import logs, metrics, tls
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.signals import StopSignals
 
 log = Logger()
 
@@ -60,7 +63,7 @@ class Options(usage.Options):
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ]
+    ] + metrics.OPTIONS + logs.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,27 +132,87 @@ class RelayService(service.MultiService):
         super().__init__()
         self.factory = factory
         self.listening_ports: list[IListeningPort] = []
+        # Observability (relay.server.metrics, logs, signals); set by makeService.
+        self.metrics: metrics.Metrics | None = None
+        self.metrics_ports: list[IListeningPort] = []
+        # The metrics listener outlives the relay's own: /healthz says 503
+        # while clients drain, and it stops last.
+        self._metrics_service: service.MultiService | None = None
+        self.log_observer: ILogObserver | None = None
+        self.stop_signals: StopSignals | None = None
 
-    def listen(self, description: str, factory: Any) -> None:
+    def listen(
+        self,
+        description: str,
+        factory: Any,
+        parent: service.MultiService | None = None,
+        ports: list[IListeningPort] | None = None,
+    ) -> None:
         """Add a listener for a strports description, serving ``factory``.
 
         A port that cannot be bound makes startService raise.
         """
         listener = strports.service(description, factory, reactor=self.factory.reactor)
-        listener.endpoint = _RecordingEndpoint(listener.endpoint, self.listening_ports)
-        listener.setServiceParent(self)
+        listener.endpoint = _RecordingEndpoint(
+            listener.endpoint, self.listening_ports if ports is None else ports
+        )
+        listener.setServiceParent(self if parent is None else parent)
+
+    # Observability: the metrics listener, the log observer, signal handling.
+
+    def serve_metrics(self, description: str) -> metrics.Metrics:
+        """Serve /metrics, /healthz, /rooms and the dashboard on ``description``."""
+        self.metrics = metrics.Metrics(self.factory)
+        self._metrics_service = service.MultiService()
+        metrics.SamplerService(self.metrics.sampler).setServiceParent(self._metrics_service)
+        self.listen(description, self.metrics.site(), self._metrics_service, self.metrics_ports)
+        return self.metrics
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd's application takes its log observer from this component.
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # twistd binds the ports here: a port that cannot be bound is one
+        # clear line and exit status 1, not two tracebacks.
+        try:
+            super().privilegedStartService()
+            if self._metrics_service is not None:
+                self._metrics_service.privilegedStartService()
+        except CannotListenError as error:
+            log.critical("Relay cannot start: {error}", error=str(error))
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         raise_open_file_limit()
+        if self._metrics_service is not None:
+            self._metrics_service.startService()
         super().startService()
+        if self.stop_signals is not None:
+            # After the reactor's own handlers, which it installs at startup.
+            self.factory.reactor.callWhenRunning(self.stop_signals.install)
         log.info("Relay started with {config}", config=self.factory.config)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        self.factory.shutting_down = True
         # Listeners stop first, so nobody new arrives while clients are told.
         yield super().stopService()
         yield self.factory.shutdown()
-        log.info("Relay stopped. Summary: {summary}", summary=self.factory.summary())
+        log.info(SUMMARY_FORMAT, **self.factory.summary())
+        if self._metrics_service is not None:
+            yield self._metrics_service.stopService()
+        if self.stop_signals is not None:
+            self.stop_signals.uninstall()
+
+
+SUMMARY_FORMAT = (
+    "Relay stopped after {uptime} s: connections {connections_total} (peak {connections_peak}), "
+    "rooms peak {rooms_peak} ({rooms_now} left), messages published {messages_published}, "
+    "in {frames_in} frames / {bytes_in} bytes, out {frames_out} frames / {bytes_out} bytes"
+)
 
 
 def makeService(options: Options, reactor: Any = None) -> RelayService:
@@ -158,6 +221,7 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         from twisted.internet import reactor
     factory = RelayFactory(options.config(), reactor=reactor)
     relay = RelayService(factory)
+    _observability(options, relay)
     client_ca = options["tls-client-ca"]
     for description in options["ports"]:
         relay.listen(tls.endpoint_description(description, client_ca), factory)
@@ -169,3 +233,17 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         for description in options["websockets"]:
             relay.listen(tls.endpoint_description(description, client_ca), site)
     return relay
+
+
+def _observability(options: Options, relay: RelayService) -> None:
+    """The metrics listener; under twistd, the log observer and signal handling."""
+    if options["metrics"]:
+        relay.serve_metrics(options["metrics"])
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is None:  # not run by twistd: logging and signals are the caller's
+        return
+    out = logs.open_twistd_log(twistd_options)
+    if out is not None:
+        level = "debug" if options["debug"] else options["log-level"]
+        relay.log_observer = logs.make_observer(out, options["log-format"], level)
+    relay.stop_signals = StopSignals(relay.factory.reactor)

@@ -105,6 +105,8 @@ class BenchConfig:
     binary: bool = False
     server_pid: int | None = None
     progress: bool = True
+    # The server's --metrics URL (ending in /metrics): its own counts of the run.
+    metrics_url: str | None = None
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -461,9 +463,71 @@ class Snapshot:
         )
 
 
-def percentile(ordered: list[float], percent: float) -> float:
+# The server's view of a run, from its /metrics: report key -> (metric, labels).
+SERVER_COUNTERS = {
+    "messages_published": ("relay_messages_published_total", {}),
+    "deliveries": ("relay_frames_sent_total", {"type": "MESSAGE"}),
+    "frames_out": ("relay_frames_sent_total", {}),
+    "bytes_out": ("relay_bytes_sent_total", {}),
+    "slow_consumers": ("relay_slow_consumers_total", {}),
+}
+
+
+def server_counts(text: str) -> dict[str, float]:
+    """The counters of SERVER_COUNTERS in a Prometheus text scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = dict.fromkeys(SERVER_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for key, (name, labels) in SERVER_COUNTERS.items():
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    counts[key] += sample.value
+    return counts
+
+
+def _difference(after: dict[str, float] | None, before: dict[str, float] | None) -> dict[str, int] | None:
+    if after is None or before is None:
+        return None
+    return {key: round(after[key] - before[key]) for key in after}
+
+
+class _Body(Protocol):
+    """Collects an HTTP response body."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        from twisted.web.client import ResponseDone
+
+        if reason is None or reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+async def fetch_text(reactor: Any, url: str) -> str:
+    """GET ``url``; its body as text (the status must be 200)."""
+    from twisted.web.client import Agent
+
+    response = await Agent(reactor).request(b"GET", url.encode("ascii"))
+    body = _Body()
+    response.deliverBody(body)
+    text = await body.done
+    if response.code != 200:
+        raise BenchError(f"{url} answered HTTP {response.code}")
+    return text.decode("utf-8")
+
+
+def percentile(ordered: list[float], percent: float) -> float | None:
+    """The ``percent`` percentile of sorted values; None without any."""
     if not ordered:
-        return float("nan")
+        return None
     index = min(len(ordered) - 1, max(0, round(percent / 100 * len(ordered)) - 1))
     return ordered[index]
 
@@ -614,6 +678,7 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         config = self.config
         server_rss_before = process_rss_bytes(config.server_pid) if config.server_pid else None
+        metrics_before = await self._server_counts()
         connections = self._plan()
         connect_started = self.clock()
         await self._connect_all(connections)
@@ -646,6 +711,7 @@ class Bench:
                     room.tracker.sampling = False
             self.publishing = False
             drain_seconds = await self._drain()
+            metrics_after = await self._server_counts()
         finally:
             self._pump_loop.stop()
             self._progress_loop.stop()
@@ -662,7 +728,18 @@ class Bench:
             server_rss_before=server_rss_before,
             server_rss_connected=server_rss_connected,
             connections=len(connections),
+            server_metrics=_difference(metrics_after, metrics_before),
         )
+
+    async def _server_counts(self) -> dict[str, float] | None:
+        """The server's own counters from --metrics-url, or None without it."""
+        if self.config.metrics_url is None:
+            return None
+        try:
+            text = await fetch_text(self.reactor, self.config.metrics_url)
+        except Exception as error:
+            raise BenchError(f"cannot read {self.config.metrics_url}: {error}") from None
+        return server_counts(text)
 
     async def _drain(self) -> float:
         """Wait until every subscriber has every message, or the drain timeout."""
@@ -688,7 +765,7 @@ class Bench:
             "delivered_per_second": round(delivered),
             "payload_mb_per_second": round(delivered * config.size / MB, 1),
             "latency_ms": {
-                **{f"p{p}": round(percentile(latencies, p) * 1000, 3) for p in PERCENTILES},
+                **{f"p{p}": _milliseconds(percentile(latencies, p)) for p in PERCENTILES},
                 "max": round(latencies[-1] * 1000, 3) if latencies else None,
                 "samples": len(latencies),
             },
@@ -702,7 +779,10 @@ class Bench:
             "connect_seconds": round(extra["connect_seconds"], 3),
             "drain_seconds": round(extra["drain_seconds"], 3),
             "connections": extra["connections"],
+            "published_total": sum(r.published for r in self.rooms),
         }
+        if extra["server_metrics"] is not None:
+            report["server_metrics"] = extra["server_metrics"]
         if start.server_cpu is not None and end.server_cpu is not None:
             server_cpu = end.server_cpu - start.server_cpu
             report["server_cpu_percent"] = round(100 * server_cpu / elapsed, 1)
@@ -721,18 +801,36 @@ class Bench:
         return report
 
 
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 connection``, ``2 connections``; ``nouns`` when it is not noun + s."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {nouns or noun + 's'}"
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The report as a few human-readable lines."""
+    """The report as a few human-readable lines (no figure that was not measured)."""
     latency = report["latency_ms"]
+    if latency["samples"]:
+        latency_line = (
+            f"latency     p50 {latency['p50']} ms  p90 {latency['p90']} ms  p99 {latency['p99']} ms"
+            f"  max {latency['max']} ms  ({plural(latency['samples'], 'sample')})"
+        )
+    else:
+        latency_line = "latency     no samples (nothing was delivered to a tracker while measuring)"
+    cpu_line = f"cpu         bench {report['bench_cpu_percent']}%"
+    if report["server_cpu_percent"] is not None:
+        cpu_line += f"  server {report['server_cpu_percent']}%"
     lines = [
         f"published   {report['published_per_second']:>14,} msgs/s",
         f"delivered   {report['delivered_per_second']:>14,} msgs/s"
         f"   ({report['payload_mb_per_second']:,} MB/s of payload)",
-        f"latency     p50 {latency['p50']} ms  p90 {latency['p90']} ms  p99 {latency['p99']} ms"
-        f"  max {latency['max']} ms  ({latency['samples']:,} samples)",
-        f"lost        {report['lost']:,} of {report['expected']:,} expected deliveries"
-        f"  ({report['lost_connections']} connections lost)",
-        f"cpu         bench {report['bench_cpu_percent']}%  server {report['server_cpu_percent']}%",
+        latency_line,
+        f"lost        {report['lost']:,} of {plural(report['expected'], 'delivery', 'deliveries')} to subscribers"
+        f" over the whole run  ({plural(report['lost_connections'], 'connection')} lost)",
+        cpu_line,
     ]
     if "delivered_per_server_cpu_second" in report:
         lines.append(
@@ -743,6 +841,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"memory      server RSS {report['server_rss_mb']} MB,"
             f" {report['server_rss_per_connection_kib']} KiB per connection"
+        )
+    server = report.get("server_metrics")
+    if server is not None:
+        lines.append(
+            f"server      published {server['messages_published']:,}  deliveries {server['deliveries']:,}"
+            f"  frames out {server['frames_out']:,}  bytes out {server['bytes_out'] / MB:,.1f} MB"
+            f"  slow consumers {server['slow_consumers']:,}   (its /metrics, whole run)"
+        )
+        lines.append(
+            f"bench       published {report['published_total']:,}  received {report['received']:,}"
+            "   (the same run, as the bench counted it)"
         )
     return "\n".join(lines)
 
@@ -756,22 +865,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     )
     add = parser.add_argument
     add("--endpoint", default=defaults.endpoint, help="Twisted client endpoint of the server [%(default)s].")
-    add("--subscribers", type=int, default=defaults.subscribers, help="Subscriber connections [%(default)s].")
-    add("--publishers", type=int, default=defaults.publishers, help="Publisher connections [%(default)s].")
-    add("--rooms", type=int, default=defaults.rooms, help="Rooms; connections are dealt out round robin [%(default)s].")
-    add("--size", type=int, default=defaults.size, help="Content bytes per message [%(default)s].")
-    add("--rate", type=float, default=defaults.rate, help="Messages/s per publisher; 0 is as fast as the server sustains [%(default)s].")
-    add("--duration", type=float, default=defaults.duration, help="Seconds measured [%(default)s].")
-    add("--warmup", type=float, default=defaults.warmup, help="Seconds of publishing before measuring [%(default)s].")
-    add("--window", type=int, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
-    add("--drain", type=float, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
+    add("--subscribers", type=_count, default=defaults.subscribers, help="Subscriber connections [%(default)s].")
+    add("--publishers", type=_count, default=defaults.publishers, help="Publisher connections [%(default)s].")
+    add("--rooms", type=_positive_int, default=defaults.rooms, help="Rooms; connections are dealt out round robin [%(default)s].")
+    add("--size", type=_count, default=defaults.size, help="Content bytes per message [%(default)s].")
+    add("--rate", type=_seconds, default=defaults.rate, help="Messages/s per publisher; 0 is as fast as the server sustains [%(default)s].")
+    add("--duration", type=_positive_seconds, default=defaults.duration, help="Seconds measured [%(default)s].")
+    add("--warmup", type=_seconds, default=defaults.warmup, help="Seconds of publishing before measuring [%(default)s].")
+    add("--window", type=_count, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
+    add("--drain", type=_seconds, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
-    add("--server-pid", type=int, default=None, help="Report this process's CPU and memory as the server's.")
+    add("--server-pid", type=_positive_int, default=None, help="Report this process's CPU and memory as the server's.")
+    add("--metrics-url", default=None, help="The server's metrics URL (e.g. http://127.0.0.1:9100/metrics): report its own counts of the run.")
     add("--json", action="store_true", help="Print the report as one JSON object.")
     add("--quiet", action="store_true", help="No live progress line on stderr.")
     args = parser.parse_args(argv)
-    if args.rooms < 1 or args.subscribers < 0 or args.publishers < 0 or args.window < 0:
-        parser.error("--rooms must be positive, counts and --window not negative")
+    if args.metrics_url is not None and not args.metrics_url.startswith(("http://", "https://")):
+        parser.error(f"argument --metrics-url: not an http:// or https:// URL: {args.metrics_url!r}")
     config = BenchConfig(
         endpoint=args.endpoint,
         subscribers=args.subscribers,
@@ -786,8 +896,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         binary=args.binary,
         server_pid=args.server_pid,
         progress=not args.quiet,
+        metrics_url=args.metrics_url,
     )
     return config, args.json
+
+
+def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: argparse names the argument in the error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not test(value) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        return value
+
+    return parse
+
+
+_count = _number(int, lambda v: v >= 0, "a whole number of 0 or more")
+_positive_int = _number(int, lambda v: v >= 1, "a whole number of 1 or more")
+_seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of 0 or more")
+_positive_seconds = _number(float, lambda v: 0 < v < float("inf"), "a number greater than 0")
 
 
 def main(argv: list[str] | None = None) -> None:
