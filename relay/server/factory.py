@@ -14,7 +14,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from relay.server.backplane import IBackplane, IClusterNode, RedisAddress
 from relay.server.fanout import Batch
 from relay.server.protocol import RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -40,6 +42,11 @@ class RelayConfig:
     # glibc's 128 KiB mmap threshold, so each read still comes off the heap.
     read_size: int = 124 * 1024
     debug: bool = False
+    # Cluster on Redis (relay.server.backplane): off without a Redis address.
+    redis: RedisAddress | None = None
+    cluster_name: str = "relay"
+    redis_queue: int = 1024 * 1024
+    membership_ttl: int = 15
 
     @property
     def heartbeat_interval(self) -> int:
@@ -61,15 +68,20 @@ class Stats:
     messages_published: int = 0
 
 
+@implementer(IClusterNode)
 class RelayFactory(ServerFactory):
     """Builds a ``RelayProtocol`` per connection and holds what they share."""
 
-    def __init__(self, config: RelayConfig | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self, config: RelayConfig | None = None, reactor: Any = None, backplane: IBackplane | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config or RelayConfig()
-        self.registry = RoomRegistry()
+        self.registry = RoomRegistry(backplane)
+        # The other nodes of a cluster (a LocalBackplane when there are none).
+        self.backplane = self.registry.backplane
         self.connections: set[RelayProtocol] = set()
         self.stats = Stats(started=reactor.seconds())
         # What the current read produced, written out by flush().
@@ -103,6 +115,13 @@ class RelayFactory(ServerFactory):
     def flush(self) -> None:
         """Write every outbox filled since the last flush."""
         self.batch.flush()
+
+    def deliver_remote(self, room: str, frames: list[bytes]) -> None:
+        """Hand frames another node broadcast to ``room`` to its local members
+        (``IClusterNode``); the backplane flushes after each read."""
+        local = self.registry.get(room)
+        if local is not None:
+            local.deliver(frames, self.batch)
 
     # Shutdown
 
