@@ -13,7 +13,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import tls
+from relay.server import backplane, tls
 from relay.server.factory import RelayConfig, RelayFactory
 
 log = Logger()
@@ -50,7 +50,7 @@ class Options(usage.Options):
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ]
+    ] + backplane.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,6 +82,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tls-client-ca: no such file: {client_ca}")
         if os.environ.get("RELAY_DEBUG", "") not in ("", "0"):
             self["debug"] = True
+        if self["workers"] and self["redis"] is None:
+            raise usage.UsageError("--workers needs --redis: the workers share their rooms through it")
 
     def config(self) -> RelayConfig:
         return RelayConfig(
@@ -92,6 +94,11 @@ class Options(usage.Options):
             max_connections=self["max-connections"],
             read_size=self["read-size"],
             debug=bool(self["debug"]),
+            # Cluster
+            redis=self["redis"],
+            cluster_name=self["cluster-name"],
+            redis_queue=self["redis-queue"],
+            membership_ttl=self["membership-ttl"],
         )
 
 
@@ -133,12 +140,14 @@ class RelayService(service.MultiService):
         raise_open_file_limit()
         super().startService()
         log.info("Relay started with {config}", config=self.factory.config)
+        self.factory.backplane.start(self.factory)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         # Listeners stop first, so nobody new arrives while clients are told.
         yield super().stopService()
         yield self.factory.shutdown()
+        yield self.factory.backplane.stop()
         log.info("Relay stopped. Summary: {summary}", summary=self.factory.summary())
 
 
@@ -146,7 +155,16 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     """Build the Relay service tree from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
-    factory = RelayFactory(options.config(), reactor=reactor)
+    config = options.config()
+    cluster = None
+    if config.redis is not None:
+        # Imported here so that `twistd relay` without a cluster does not pay for a Redis client.
+        from relay.server.redis_backplane import RedisBackplane
+
+        cluster = RedisBackplane(
+            config.redis, config.cluster_name, config.redis_queue, config.membership_ttl, reactor=reactor
+        )
+    factory = RelayFactory(config, reactor=reactor, backplane=cluster)
     relay = RelayService(factory)
     client_ca = options["tls-client-ca"]
     for description in options["ports"]:
