@@ -93,6 +93,8 @@ class BackplaneStats:
     """What crossed a backplane's link, for logs, metrics and health checks."""
 
     link_losses: int = 0
+    # Connection attempts that failed (counted, not logged one by one).
+    failed_attempts: int = 0
     published_envelopes: int = 0
     published_frames: int = 0
     published_bytes: int = 0

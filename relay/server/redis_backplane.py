@@ -241,7 +241,7 @@ class _Factory(txredisapi.RedisFactory):
             str(address),
             address.db,
             1,
-            isLazy=True,
+            isLazy=False,  # or txredisapi logs every refused AUTH itself
             charset=None,  # bytes in, bytes out: envelopes are binary
             password=address.password,
             convertNumbers=False,
@@ -368,6 +368,7 @@ class RedisConnection:
         if self._stopped or self._retry is not None:
             return
         self._failures += 1
+        self.backplane.stats.failed_attempts += 1
         self._retry = self._reactor.callLater(retry_delay(self._failures), self._connect)
 
     def _cancel_deadline(self) -> None:
@@ -463,6 +464,7 @@ class RedisBackplane:
         self.link_up = False
         self.link_down_since: float | None = None
         self._stopping = False
+        self._refusals: set[str] = set()
         self._loops: list[task.LoopingCall] = []
         self._command = RedisConnection(
             "command", self, address, _CommandProtocol, self._command_usable, self._connection_lost
@@ -705,6 +707,10 @@ class RedisBackplane:
         self._link_changed()
 
     def refused(self, connection: str, why: str) -> None:
+        """Redis refused AUTH or SELECT: said once per reason until the link is up."""
+        if why in self._refusals:
+            return
+        self._refusals.add(why)
         log.error("Redis refused the {connection} connection: {why}", connection=connection, why=why)
 
     def _link_changed(self) -> None:
@@ -714,6 +720,7 @@ class RedisBackplane:
         self.link_up = up
         now = self.reactor.seconds()
         if up:
+            self._refusals.clear()
             down_for = now - self.link_down_since if self.link_down_since is not None else 0.0
             self.link_down_since = None
             log.info(
