@@ -13,7 +13,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import backplane, tls
+from relay.server import backplane, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
 
 log = Logger()
@@ -54,9 +54,14 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self.argv: list[str] = []  # as given, for --workers to pass on
         self["ports"] = []
         self["websockets"] = []
         self["allowed-origins"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(options) if options is not None else []
+        super().parseOptions(options)
 
     def opt_port(self, description: str) -> None:
         """Listen on this strports description (repeatable) [default: tcp:4000]."""
@@ -126,13 +131,16 @@ class RelayService(service.MultiService):
         super().__init__()
         self.factory = factory
         self.listening_ports: list[IListeningPort] = []
+        # In a --workers worker: the inherited listening sockets, in order.
+        self._adopted = workers.inherited_listeners(factory.reactor)
 
     def listen(self, description: str, factory: Any) -> None:
         """Add a listener for a strports description, serving ``factory``.
 
         A port that cannot be bound makes startService raise.
         """
-        listener = strports.service(description, factory, reactor=self.factory.reactor)
+        reactor = self._adopted.pop(0) if self._adopted else self.factory.reactor
+        listener = strports.service(description, factory, reactor=reactor)
         listener.endpoint = _RecordingEndpoint(listener.endpoint, self.listening_ports)
         listener.setServiceParent(self)
 
@@ -151,10 +159,17 @@ class RelayService(service.MultiService):
         log.info("Relay stopped. Summary: {summary}", summary=self.factory.summary())
 
 
-def makeService(options: Options, reactor: Any = None) -> RelayService:
+def makeService(options: Options, reactor: Any = None) -> service.Service:
     """Build the Relay service tree from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
+    if options["workers"]:
+        descriptions = [
+            tls.endpoint_description(description, options["tls-client-ca"])
+            for description in options["ports"] + options["websockets"]
+        ]
+        return workers.WorkerSupervisor(options["workers"], descriptions, options.argv, reactor=reactor)
+    workers.become_worker(reactor)
     config = options.config()
     cluster = None
     if config.redis is not None:
