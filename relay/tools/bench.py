@@ -103,7 +103,10 @@ class BenchConfig:
     window: int = 0  # 0: DEFAULT_WINDOW, or fewer for large messages
     drain: float = DEFAULT_DRAIN
     binary: bool = False
-    server_pid: int | None = None
+    # Processes whose CPU and memory are the server's (nodes, Redis): summed.
+    server_pids: tuple[int, ...] = ()
+    # Publishers connect here instead (another node of a cluster).
+    publisher_endpoint: str | None = None
     progress: bool = True
 
 
@@ -449,16 +452,26 @@ class Snapshot:
     cpu: float
     server_cpu: float | None
 
+    server_cpus: tuple[float | None, ...] = ()
+
     @classmethod
     def take(cls, bench: Bench) -> Snapshot:
-        pid = bench.config.server_pid
+        cpus = tuple(process_cpu_seconds(pid) for pid in bench.config.server_pids)
+        known = bool(cpus) and None not in cpus
         return cls(
             at=bench.clock(),
             published=sum(r.published for r in bench.rooms),
             received=sum(r.received() for r in bench.rooms),
             cpu=cpu_seconds(),
-            server_cpu=process_cpu_seconds(pid) if pid else None,
+            server_cpu=sum(cpus) if known else None,
+            server_cpus=cpus,
         )
+
+
+def servers_rss_bytes(pids: tuple[int, ...]) -> int | None:
+    """The summed RSS of ``pids``; None if any is unknown or there are none."""
+    sizes = [process_rss_bytes(pid) for pid in pids]
+    return sum(sizes) if sizes and None not in sizes else None
 
 
 def percentile(ordered: list[float], percent: float) -> float:
@@ -532,10 +545,13 @@ class Bench:
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
         endpoint = clientFromString(self.reactor, self.config.endpoint)
+        publisher_endpoint = endpoint
+        if self.config.publisher_endpoint:
+            publisher_endpoint = clientFromString(self.reactor, self.config.publisher_endpoint)
         semaphore = defer.DeferredSemaphore(CONNECT_CONCURRENCY)
 
         async def connect(connection: BenchConnection) -> None:
-            await connectProtocol(endpoint, connection)
+            await connectProtocol(publisher_endpoint if isinstance(connection, Publisher) else endpoint, connection)
             await connection.ready
 
         def connect_one(connection: BenchConnection) -> defer.Deferred[None]:
@@ -613,12 +629,12 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         config = self.config
-        server_rss_before = process_rss_bytes(config.server_pid) if config.server_pid else None
+        server_rss_before = servers_rss_bytes(config.server_pids)
         connections = self._plan()
         connect_started = self.clock()
         await self._connect_all(connections)
         connect_seconds = self.clock() - connect_started
-        server_rss_connected = process_rss_bytes(config.server_pid) if config.server_pid else None
+        server_rss_connected = servers_rss_bytes(config.server_pids)
 
         self._progress_loop = task.LoopingCall(self._progress)
         self._progress_loop.clock = self.reactor
@@ -706,6 +722,11 @@ class Bench:
         if start.server_cpu is not None and end.server_cpu is not None:
             server_cpu = end.server_cpu - start.server_cpu
             report["server_cpu_percent"] = round(100 * server_cpu / elapsed, 1)
+            if len(start.server_cpus) > 1:
+                report["server_cpu_percent_by_pid"] = {
+                    str(pid): round(100 * (after - before) / elapsed, 1)
+                    for pid, before, after in zip(config.server_pids, start.server_cpus, end.server_cpus)
+                }
             # On a shared machine the server may not get a whole core; what
             # it delivers per CPU-second it did get is the steadier figure.
             if server_cpu > 0:
@@ -734,6 +755,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"  ({report['lost_connections']} connections lost)",
         f"cpu         bench {report['bench_cpu_percent']}%  server {report['server_cpu_percent']}%",
     ]
+    if "server_cpu_percent_by_pid" in report:
+        lines[-1] += "  (" + ", ".join(
+            f"pid {pid} {percent}%" for pid, percent in report["server_cpu_percent_by_pid"].items()
+        ) + ")"
     if "delivered_per_server_cpu_second" in report:
         lines.append(
             f"efficiency  {report['delivered_per_server_cpu_second']:,} deliveries"
@@ -766,7 +791,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--window", type=int, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
     add("--drain", type=float, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
-    add("--server-pid", type=int, default=None, help="Report this process's CPU and memory as the server's.")
+    add("--server-pid", type=int, action="append", default=[], help="Report this process's CPU and memory as the server's; repeat for a cluster's nodes and Redis (summed).")
+    add("--publisher-endpoint", default=None, help="Connect the publishers here instead of --endpoint (another node of a cluster).")
     add("--json", action="store_true", help="Print the report as one JSON object.")
     add("--quiet", action="store_true", help="No live progress line on stderr.")
     args = parser.parse_args(argv)
@@ -784,7 +810,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         window=args.window,
         drain=args.drain,
         binary=args.binary,
-        server_pid=args.server_pid,
+        server_pids=tuple(args.server_pid),
+        publisher_endpoint=args.publisher_endpoint,
         progress=not args.quiet,
     )
     return config, args.json
