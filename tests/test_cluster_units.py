@@ -251,3 +251,52 @@ class HeldJoinTests(unittest.TestCase):
         self.backplane.waiting.pop().callback(1)
         self.assertEqual(self.backplane.calls, [("joined", "r", True), ("joined", "r", False)])
         self.assertEqual(len(self.factory.registry.get("r")), 1)
+
+
+class FakeCommandConnection:
+    """Records the commands a backplane sends; replies are never given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.transport = StringTransport()
+
+    def execute_command(self, *command):
+        self.sent.append(command)
+        return defer.Deferred()
+
+
+class PublishQueueTests(unittest.TestCase):
+    """Envelopes wait in the bounded queue while the command connection's
+    write buffer is full, and leave in order when it drains."""
+
+    def setUp(self) -> None:
+        self.backplane = RedisBackplane(parse_redis_url("redis://", {}), queue_limit=1000, reactor=MemoryReactorClock())
+        self.command = FakeCommandConnection()
+        self.backplane._command.protocol = self.command
+        self.backplane._command_usable(self.command)
+        self.producer = self.command.transport.producer
+
+    def published(self) -> list[bytes]:
+        return [parse_envelope(c[2])[2][0] for c in self.command.sent if c[0] == "PUBLISH"]
+
+    def test_a_full_write_buffer_holds_envelopes_then_sends_them_in_order(self) -> None:
+        self.backplane.forward("r", b"\x00\x00\x00\x03\x01\x04\x01", "c", None)
+        self.producer.pauseProducing()
+        for n in (2, 3):
+            self.backplane.forward("r", b"\x00\x00\x00\x04\x01\x04\x01" + bytes([n]), "c", None)
+        self.assertEqual(len(self.published()), 1)
+        self.assertGreater(self.backplane.held_bytes, 0)
+        self.producer.resumeProducing()
+        self.assertEqual([frame[-1] for frame in self.published()[1:]], [2, 3])
+        self.assertEqual(self.backplane.held_bytes, 0)
+
+    def test_past_the_queue_limit_envelopes_are_dropped_and_counted(self) -> None:
+        self.producer.pauseProducing()
+        frame = b"\x00\x00\x01\x03\x01\x04\x01" + b"x" * 256
+        for _ in range(10):
+            self.backplane.forward("r", frame, "c", None)
+        self.assertLessEqual(self.backplane.held_bytes, 1000)
+        self.assertGreater(self.backplane.stats.dropped_frames, 0)
+        self.producer.resumeProducing()
+        self.assertEqual(len(self.published()) + self.backplane.stats.dropped_frames, 10)
+        self.assertGreater(len(self.published()), 0)

@@ -42,6 +42,7 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.ssl import optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from relay.pem import load_certificates, load_private_certificate
@@ -205,6 +206,26 @@ def call(protocol: Any, *command: Any) -> defer.Deferred[Any]:
     """Send a command on a txredisapi connection; its reply, or its failure
     (also when the connection is already closing)."""
     return defer.maybeDeferred(protocol.execute_command, *command)
+
+
+@implementer(IPushProducer)
+class _WriteWindow:
+    """Registered on the command connection's transport: tells the backplane
+    when its write buffer is full, so that envelopes wait in the bounded
+    queue instead of piling up in the transport."""
+
+    def __init__(self, backplane: RedisBackplane) -> None:
+        self._backplane = backplane
+
+    def pauseProducing(self) -> None:
+        self._backplane.writable = False
+
+    def resumeProducing(self) -> None:
+        self._backplane.writable = True
+        self._backplane.drain()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _CommandProtocol(txredisapi.RedisProtocol):
@@ -418,8 +439,8 @@ class RedisBackplane:
     """The cluster backplane on one Redis (see the module docstring).
 
     For health checks and metrics: ``link_up``, ``link_down_since`` (a
-    reactor time, or None), ``held_bytes`` (broadcasts waiting for Redis
-    or for its confirmation), ``subscribed_rooms`` and ``stats``.
+    reactor time, or None), ``held_bytes`` (broadcasts waiting for the
+    command connection), ``subscribed_rooms`` and ``stats``.
     """
 
     clustered = True
@@ -456,10 +477,11 @@ class RedisBackplane:
         self._subscribing: dict[str, list[defer.Deferred[None]]] = {}
         # Broadcasts forwarded since the last flush: [room, origin, frames].
         self._pending: list[tuple[str, str | None, list[bytes]]] = []
-        # Envelopes waiting for the command connection, and the bytes of
-        # those plus the ones written but not yet confirmed.
+        # Envelopes waiting for the command connection (down, or its write
+        # buffer full), and their bytes.
         self._queue: deque[tuple[bytes, bytes, int]] = deque()
         self.held_bytes = 0
+        self.writable = False
         self._dropping = False
         self.link_up = False
         self.link_down_since: float | None = None
@@ -514,6 +536,9 @@ class RedisBackplane:
             withdrawn.addTimeout(WITHDRAW_TIMEOUT, self.reactor)
             withdrawn.addErrback(_ignore)
             yield withdrawn
+            if self._command.protocol is command:
+                # A TLS transport closes only once its producer is gone.
+                command.transport.unregisterProducer()
         yield defer.gatherResults([self._command.stop(), self._subscriber.stop()], consumeErrors=True)
         self.link_up = False
         log.info("Cluster node {node} left Redis. Link: {stats}", node=self.node_id, stats=self.stats)
@@ -623,6 +648,10 @@ class RedisBackplane:
 
     def _publish(self, channel: bytes, payload: bytes, frames: int) -> None:
         size = len(payload)
+        command = self._command.protocol
+        if command is not None and self.writable and not self._queue:
+            self._send(command, channel, payload, frames)
+            return
         if self.held_bytes + size > self.queue_limit:
             self.stats.dropped_frames += frames
             self.stats.dropped_bytes += size
@@ -634,17 +663,25 @@ class RedisBackplane:
                 )
             return
         self.held_bytes += size
-        command = self._command.protocol
-        if command is None or self._queue:
-            self._queue.append((channel, payload, frames))
-        else:
+        self._queue.append((channel, payload, frames))
+
+    def drain(self) -> None:
+        """Send held envelopes, in order, while the command connection takes them."""
+        queue = self._queue
+        while queue and self.writable:
+            command = self._command.protocol
+            if command is None:
+                return
+            channel, payload, frames = queue.popleft()
+            self.held_bytes -= len(payload)
             self._send(command, channel, payload, frames)
+        if self._dropping and self.held_bytes < self.queue_limit // 2:
+            self._dropping = False
 
     def _send(self, command: Any, channel: bytes, payload: bytes, frames: int) -> None:
         call(command, "PUBLISH", channel, payload).addBoth(self._confirmed, len(payload), frames)
 
     def _confirmed(self, result: Any, size: int, frames: int) -> None:
-        self.held_bytes -= size
         stats = self.stats
         if isinstance(result, Failure):
             stats.unconfirmed_frames += frames
@@ -652,8 +689,6 @@ class RedisBackplane:
         stats.published_envelopes += 1
         stats.published_frames += frames
         stats.published_bytes += size
-        if self._dropping and self.held_bytes < self.queue_limit // 2:
-            self._dropping = False
 
     # Broadcasts in
 
@@ -690,9 +725,9 @@ class RedisBackplane:
         for room, count in self._local.items():
             args += (room, count)
         call(command, "EVAL", REGISTER_SCRIPT, 2, self._node_key, self._nodes_key, *args).addErrback(_ignore)
-        queue = self._queue
-        while queue:
-            self._send(command, *queue.popleft())
+        self.writable = True
+        command.transport.registerProducer(_WriteWindow(self), True)
+        self.drain()
         self._link_changed()
 
     def _subscriber_usable(self, subscriber: Any) -> None:
