@@ -30,8 +30,10 @@ from zope.interface import Attribute, Interface, implementer
 
 DEFAULT_CLUSTER_NAME = "relay"
 DEFAULT_REDIS_PORT = 6379
-# Bytes of broadcasts a node holds for Redis while the link is down or slow.
-DEFAULT_REDIS_QUEUE = 1024 * 1024
+# Bytes of broadcasts a node holds for Redis while the link is down or slow:
+# what all its publishers may produce between two writes to Redis at full
+# speed (several reads of 124 KiB, each delivery larger than its message).
+DEFAULT_REDIS_QUEUE = 16 * 1024 * 1024
 # Seconds a node's share of membership lives in Redis unless refreshed.
 DEFAULT_MEMBERSHIP_TTL = 15
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -16,7 +16,14 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.server.backplane import IBackplane, IClusterNode, RedisAddress
+from relay.server.backplane import (
+    DEFAULT_CLUSTER_NAME,
+    DEFAULT_MEMBERSHIP_TTL,
+    DEFAULT_REDIS_QUEUE,
+    IBackplane,
+    IClusterNode,
+    RedisAddress,
+)
 from relay.server.fanout import Batch
 from relay.server.protocol import RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -44,9 +51,9 @@ class RelayConfig:
     debug: bool = False
     # Cluster on Redis (relay.server.backplane): off without a Redis address.
     redis: RedisAddress | None = None
-    cluster_name: str = "relay"
-    redis_queue: int = 1024 * 1024
-    membership_ttl: int = 15
+    cluster_name: str = DEFAULT_CLUSTER_NAME
+    redis_queue: int = DEFAULT_REDIS_QUEUE
+    membership_ttl: int = DEFAULT_MEMBERSHIP_TTL
 
     @property
     def heartbeat_interval(self) -> int:
