@@ -300,3 +300,21 @@ class PublishQueueTests(unittest.TestCase):
         self.producer.resumeProducing()
         self.assertEqual(len(self.published()) + self.backplane.stats.dropped_frames, 10)
         self.assertGreater(len(self.published()), 0)
+
+
+class HelpTests(unittest.TestCase):
+    async def test_twistd_relay_help_lists_the_cluster_options(self) -> None:
+        import os
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        repo = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        out, err, code = await getProcessOutputAndValue(twistd, ["relay", "--help"], env=env, path=tempfile.mkdtemp())
+        self.assertEqual(code, 0, err)
+        for expected in (b"--redis=", b"--cluster-name=", b"[default: relay]", b"--redis-queue=", b"16777216", b"--membership-ttl=", b"[default: 15]", b"--workers="):
+            self.assertIn(expected, out)
