@@ -220,13 +220,6 @@ def _database(path: str, query_db: str | None) -> int:
     return int(text)
 
 
-def _redis_address(url: str) -> RedisAddress:
-    return parse_redis_url(url)
-
-
-_redis_address.coerceDoc = "redis://[[user]:password@]host:port/db, rediss://..., or unix:///path.sock."  # type: ignore[attr-defined]
-
-
 def _cluster_name(name: str) -> str:
     if not CLUSTER_NAME.fullmatch(name):
         raise ValueError(f"{name!r}: 1-64 letters, digits, '_', '.' or '-'")
@@ -249,7 +242,7 @@ def _not_negative(value: str) -> int:
 
 # twistd options of the cluster: [name, short, default, help, coerce].
 OPTIONS: list[list[Any]] = [
-    ["redis", None, None, "Redis URL of the cluster backplane: redis://[[user]:password@]host:port/db, rediss:// for TLS, unix:///path.sock; the password may come from RELAY_REDIS_PASSWORD. Off: one node, no Redis.", _redis_address],
+    ["redis", None, None, "Redis URL of the cluster backplane: redis://[[user]:password@]host:port/db, rediss:// for TLS, unix:///path.sock; the password may come from RELAY_REDIS_PASSWORD. Off: one node, no Redis.", parse_redis_url],
     ["cluster-name", None, DEFAULT_CLUSTER_NAME, "Nodes with the same Redis and cluster name share their rooms.", _cluster_name],
     ["redis-queue", None, DEFAULT_REDIS_QUEUE, "Bytes of broadcasts held for Redis while its link is down or slow; past it they are dropped and counted.", _positive],
     ["membership-ttl", None, DEFAULT_MEMBERSHIP_TTL, "Seconds this node's share of room membership lives in Redis unless refreshed (every third of it).", _positive],
