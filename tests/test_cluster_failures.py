@@ -67,8 +67,16 @@ class RedisOutageTests(unittest.TestCase):
     async def test_redis_restart_local_delivery_goes_on_and_the_cluster_heals(self) -> None:
         logs = LogCapture(self)
         await self.assert_cross_node_delivery("before")
+        backplane = self.a.factory.backplane
+        self.assertEqual(backplane.health()[0], True)
+        self.assertIn(("relay_cluster_link_up", 1), [(m[0], m[3]) for m in backplane.metric_values()])
         await self.redis.kill()
         await wait_until(lambda: self.links() == [False, False], "both links down")
+        # Degraded: for /healthz (503) and the metrics.
+        ok, detail = backplane.health()
+        self.assertEqual((ok, detail.startswith("Redis link down")), (False, True))
+        metrics = {m[0]: m[3] for m in backplane.metric_values()}
+        self.assertEqual((metrics["relay_cluster_link_up"], metrics["relay_cluster_link_losses_total"]), (0, 1))
         # Local members still get everything, at once.
         self.alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": "during"})
         self.assertEqual((await self.carol.next_json())[1]["content"], "during")

@@ -139,7 +139,7 @@ class RetryDelayTests(unittest.TestCase):
 
 @implementer(IBackplane)
 class RecordingBackplane:
-    """A backplane double that records what it is told; joins wait for ``answer``."""
+    """A backplane double that records what it is told; joins wait to be answered."""
 
     node_id = "test"
     clustered = True
@@ -168,11 +168,29 @@ class RecordingBackplane:
     def forward(self, room, frame, origin, batch) -> None:
         self.calls.append(("forward", room, frame, origin))
 
+    def health(self):
+        return True, ""
+
+    def metric_values(self):
+        return []
+
 
 class RegistryTests(unittest.TestCase):
     def test_interfaces(self) -> None:
         verifyObject(IBackplane, LocalBackplane())
         verifyObject(IBackplane, RedisBackplane(parse_redis_url("redis://", {}), reactor=MemoryReactorClock()))
+
+    def test_one_node_is_always_healthy_and_has_no_cluster_metrics(self) -> None:
+        self.assertEqual((LocalBackplane().health()[0], LocalBackplane().metric_values()), (True, []))
+
+    def test_every_cluster_metric_has_a_kind_and_help(self) -> None:
+        values = RedisBackplane(parse_redis_url("redis://", {}), reactor=MemoryReactorClock()).metric_values()
+        self.assertEqual(len(values), 13)
+        for name, kind, help_, value in values:
+            self.assertTrue(name.startswith("relay_cluster_"))
+            self.assertIn(kind, ("gauge", "counter"))
+            self.assertEqual(kind == "counter", name.endswith("_total"))
+            self.assertTrue(help_)
 
     def test_one_node_makes_plain_rooms_and_asks_nobody(self) -> None:
         registry = RoomRegistry()

@@ -89,6 +89,13 @@ class IBackplane(Interface):
         may travel together; without one it is sent at once.
         """
 
+    def health() -> tuple[bool, str]:
+        """``(ok, detail)`` for a health check: not ok while the link is down."""
+
+    def metric_values() -> list[tuple[str, str, str, float]]:
+        """``(name, kind, help, value)`` of each metric the backplane keeps,
+        ``kind`` being ``"gauge"`` or ``"counter"``; read at scrape time."""
+
 
 @dataclass
 class BackplaneStats:
@@ -135,6 +142,30 @@ class LocalBackplane:
 
     def forward(self, room: str, frame: bytes, origin: str | None, batch: Any) -> None:
         pass
+
+    def health(self) -> tuple[bool, str]:
+        return True, "one node"
+
+    def metric_values(self) -> list[tuple[str, str, str, float]]:
+        return []
+
+
+# What each metric of a cluster node means: name -> (kind, help).
+METRICS = {
+    "relay_cluster_link_up": ("gauge", "1 while the node reaches Redis (both connections), else 0."),
+    "relay_cluster_subscribed_rooms": ("gauge", "Rooms whose Redis channel this node subscribes to."),
+    "relay_cluster_held_bytes": ("gauge", "Envelope bytes waiting for the Redis command connection."),
+    "relay_cluster_link_losses_total": ("counter", "Times the Redis link went down."),
+    "relay_cluster_failed_attempts_total": ("counter", "Redis connection attempts that failed."),
+    "relay_cluster_published_envelopes_total": ("counter", "Envelopes published to Redis and confirmed."),
+    "relay_cluster_published_frames_total": ("counter", "Deliveries sent to other nodes, confirmed by Redis."),
+    "relay_cluster_published_bytes_total": ("counter", "Envelope bytes published to Redis and confirmed."),
+    "relay_cluster_received_envelopes_total": ("counter", "Envelopes from other nodes handed to local members."),
+    "relay_cluster_received_frames_total": ("counter", "Deliveries from other nodes handed to local members."),
+    "relay_cluster_dropped_frames_total": ("counter", "Deliveries for other nodes dropped: the Redis queue was full."),
+    "relay_cluster_unconfirmed_frames_total": ("counter", "Deliveries written to a Redis connection that failed before confirming them."),
+    "relay_cluster_malformed_envelopes_total": ("counter", "Envelopes from Redis that were not laid out as expected."),
+}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from relay.server.backplane import (
     DEFAULT_MEMBERSHIP_TTL,
     DEFAULT_REDIS_QUEUE,
     BackplaneStats,
+    METRICS,
     IBackplane,
     IClusterNode,
     RedisAddress,
@@ -498,6 +499,32 @@ class RedisBackplane:
     @property
     def subscribed_rooms(self) -> int:
         return len(self._channels)
+
+    def health(self) -> tuple[bool, str]:
+        if self.link_up:
+            return True, f"Redis link up, {self.subscribed_rooms} rooms subscribed"
+        since = self.link_down_since
+        down_for = f" for {self.reactor.seconds() - since:.1f} s" if since is not None else ""
+        return False, f"Redis link down{down_for}: local delivery only"
+
+    def metric_values(self) -> list[tuple[str, str, str, float]]:
+        stats = self.stats
+        values = {
+            "relay_cluster_link_up": 1 if self.link_up else 0,
+            "relay_cluster_subscribed_rooms": self.subscribed_rooms,
+            "relay_cluster_held_bytes": self.held_bytes,
+            "relay_cluster_link_losses_total": stats.link_losses,
+            "relay_cluster_failed_attempts_total": stats.failed_attempts,
+            "relay_cluster_published_envelopes_total": stats.published_envelopes,
+            "relay_cluster_published_frames_total": stats.published_frames,
+            "relay_cluster_published_bytes_total": stats.published_bytes,
+            "relay_cluster_received_envelopes_total": stats.received_envelopes,
+            "relay_cluster_received_frames_total": stats.received_frames,
+            "relay_cluster_dropped_frames_total": stats.dropped_frames,
+            "relay_cluster_unconfirmed_frames_total": stats.unconfirmed_frames,
+            "relay_cluster_malformed_envelopes_total": stats.malformed_envelopes,
+        }
+        return [(name, *METRICS[name], value) for name, value in values.items()]
 
     # Lifecycle
 
