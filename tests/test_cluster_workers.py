@@ -71,6 +71,7 @@ class SupervisorTests(unittest.TestCase):
     async def setUp(self) -> None:
         self.redis = await RedisServer(self).start()
         self.port = free_port()
+        self.websocket_port = free_port()
         self.watcher = OutputWatcher()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -78,7 +79,8 @@ class SupervisorTests(unittest.TestCase):
             self.watcher,
             TWISTD,
             [TWISTD, "-n", "--pidfile=", "relay", "--workers", "2", "--redis", self.redis.url,
-             "--port", f"tcp:{self.port}:interface=127.0.0.1"],
+             "--port", f"tcp:{self.port}:interface=127.0.0.1",
+             "--websocket", f"tcp:{self.websocket_port}:interface=127.0.0.1"],
             env=env,
             path=tempfile.mkdtemp(),
         )
@@ -137,6 +139,13 @@ class SupervisorTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - stopping, 10)
         self.assertIn(b"All workers stopped", self.watcher.output)
         self.assertNotIn(b"Traceback", self.watcher.output)
+
+    async def test_the_websocket_listener_is_shared_too(self) -> None:
+        from twisted.web.client import Agent, readBody
+
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{self.websocket_port}/".encode())
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"Relay", await readBody(response))
 
     async def test_a_killed_worker_is_restarted_and_accepts_again(self) -> None:
         _, victim = await self.client()

@@ -370,7 +370,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.transport.resumeProducing()
         self.dataReceived(b"")
 
-    def _hold(self, counting: Deferred[None]) -> NoReturn:
+    def _hold(self, counting: Deferred[Any]) -> NoReturn:
         """Handle no frame until ``counting`` fires, so that replies keep the
         order of their requests.  Reading pauses where the transport can
         (TCP); elsewhere frames wait in the decoder, for at most the
