@@ -9,7 +9,8 @@ import trustme
 from twisted.trial import unittest
 
 from relay.wire import MessageType
-from tests.cluster_support import ClusterNodes, RedisServer, connect, wait_until
+from relay.server.tap import Options, makeService
+from tests.cluster_support import ClusterNodes, RedisServer, connect, free_port, require_redis, wait_until
 from tests.test_cluster_failures import LogCapture, member
 
 SECRET = "s3cret-Pa55word"
@@ -69,3 +70,21 @@ class RedisConnectionTests(unittest.TestCase):
         alice = await member(self, node, "alice")
         self.assertEqual((await alice.join("lobby"))["members"], 1)
         self.assertEqual([line for line in logs.lines if wrong in line or SECRET in line], [])
+
+    async def test_an_unreachable_redis_is_said_once_and_local_rooms_work(self) -> None:
+        require_redis(self)
+        logs = LogCapture(self)
+        node = await ClusterNodes(self, f"redis://127.0.0.1:{free_port()}/0").node(wait=False)
+        backplane = node.factory.backplane
+        await wait_until(lambda: backplane.stats.failed_attempts >= 8, "a few attempts")
+        self.assertEqual(logs.count("Redis unreachable"), 1)
+        self.assertFalse(backplane.health()[0])
+        alice = await member(self, node, "alice")
+        bob = await member(self, node, "bob")
+        alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": "local"})
+        self.assertEqual((await bob.next_json())[1]["content"], "local")
+
+    def test_unreadable_tls_files_stop_startup(self) -> None:
+        options = Options()
+        options.parseOptions(["--port", "tcp:0", "--redis", "rediss://127.0.0.1:1/0?trustRoots=/nonexistent/ca.pem"])
+        self.assertRaises(OSError, makeService, options)

@@ -99,6 +99,7 @@ class RedisOutageTests(unittest.TestCase):
         # The loss was logged once per node, not once per retry.
         self.assertEqual(logs.count("Redis link down"), 2)
         self.assertEqual(logs.count("Redis link up"), 2)
+        self.assertEqual(logs.count("Redis unreachable"), 0)
 
     async def test_a_hung_redis_is_detected_and_delivery_resumes_after_it_wakes(self) -> None:
         self.redis.signal("STOP")

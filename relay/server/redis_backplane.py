@@ -326,7 +326,7 @@ class RedisConnection:
         self._deadline = self._reactor.callLater(CONNECT_TIMEOUT, self._give_up)
         try:
             endpoint = redis_endpoint(self._reactor, self._address)
-        except Exception as error:  # unreadable PEM files: retried, and said
+        except Exception as error:  # PEM files gone since startup: retried
             self._attempt_failed(Failure(error))
             return
         self._connecting = endpoint.connect(self._factory)
@@ -390,7 +390,7 @@ class RedisConnection:
         if self._stopped or self._retry is not None:
             return
         self._failures += 1
-        self.backplane.stats.failed_attempts += 1
+        self.backplane.attempt_failed(self.name, self.last_error)
         self._retry = self._reactor.callLater(retry_delay(self._failures), self._connect)
 
     def _cancel_deadline(self) -> None:
@@ -488,7 +488,9 @@ class RedisBackplane:
         self.link_down_since: float | None = None
         self._stopping = False
         self._refusals: set[str] = set()
+        self._outage_reported = False
         self._loops: list[task.LoopingCall] = []
+        redis_endpoint(reactor, address)  # unreadable PEM files stop startup here
         self._command = RedisConnection(
             "command", self, address, _CommandProtocol, self._command_usable, self._connection_lost
         )
@@ -768,6 +770,17 @@ class RedisBackplane:
         # Joins waiting for a SUBSCRIBE are answered by its failure.
         self._link_changed()
 
+    def attempt_failed(self, connection: str, why: str) -> None:
+        """A connection attempt failed: counted; said once per outage."""
+        self.stats.failed_attempts += 1
+        if not self._outage_reported and not self._stopping:
+            self._outage_reported = True
+            log.warn(
+                "Redis unreachable ({connection} connection: {why}); local delivery only until it is. Retrying",
+                connection=connection,
+                why=why or "connection failed",
+            )
+
     def refused(self, connection: str, why: str) -> None:
         """Redis refused AUTH or SELECT: said once per reason until the link is up."""
         if why in self._refusals:
@@ -783,6 +796,7 @@ class RedisBackplane:
         now = self.reactor.seconds()
         if up:
             self._refusals.clear()
+            self._outage_reported = False
             down_for = now - self.link_down_since if self.link_down_since is not None else 0.0
             self.link_down_since = None
             log.info(
@@ -793,6 +807,7 @@ class RedisBackplane:
             )
             return
         self.link_down_since = now
+        self._outage_reported = True  # said here: not again by each retry
         self.stats.link_losses += 1
         log.warn(
             "Redis link down ({why}); local delivery goes on, broadcasts to other nodes are held"
