@@ -89,10 +89,15 @@ class OutputWatcher(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+class PortTaken(Exception):
+    """redis-server could not bind its port."""
+
+
 class RedisServer:
     """A ``redis-server`` child process on 127.0.0.1, without persistence.
 
-    ``extra`` are more command-line arguments (``--requirepass``, TLS...).
+    ``extra`` are more command-line arguments (``--requirepass``, TLS...);
+    ``{port}`` in them is its port.
     """
 
     def __init__(
@@ -101,9 +106,7 @@ class RedisServer:
         *,
         unix_socket: bool = False,
         extra: tuple[str, ...] = (),
-        cli_args: tuple[str, ...] = (),
     ) -> None:
-        self.cli_args = cli_args
         self.test = test
         self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="relay-redis-")
@@ -111,6 +114,7 @@ class RedisServer:
         self.extra = extra
         self.process: Any = None
         self.watcher: OutputWatcher | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
@@ -121,29 +125,44 @@ class RedisServer:
         return self.process.pid
 
     async def start(self) -> RedisServer:
+        """Start it; on a port another process took meanwhile, on a new one
+        (first start only: a restart keeps its port)."""
         require_redis(self.test)
+        for _ in range(3):
+            try:
+                await self._start()
+                return self
+            except PortTaken:
+                if self.started_once:
+                    raise
+                self.port = free_port()
+        raise AssertionError("no free port for redis-server")
+
+    async def _start(self) -> None:
         args = [
             REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port),
             "--save", "", "--appendonly", "no", "--dir", self.directory,
         ]
         if self.socket_path:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-        args += list(self.extra)
+        args += [arg.format(port=self.port) for arg in self.extra]
         self.watcher = OutputWatcher()
         self.process = reactor.spawnProcess(self.watcher, REDIS_SERVER, args, env=dict(os.environ))
         self.test.addCleanup(self.kill)
-        await self._ready(self.watcher)
-        return self
-
-    async def _ready(self, watcher: OutputWatcher) -> None:
-        ready = watcher.wait_for(b"Ready to accept connections")
+        ready = self.watcher.wait_for(b"Ready to accept connections")
         ready.addTimeout(WAIT_SECONDS, reactor)
-        await ready
+        try:
+            await ready
+        except AssertionError:
+            if b"Address already in use" in self.watcher.output:
+                raise PortTaken() from None
+            raise
+        self.started_once = True
 
     async def command(self, *args: str) -> list[str]:
         """Run one command with redis-cli; its output lines."""
         cli = shutil.which("redis-cli") or "redis-cli"
-        out = await utils.getProcessOutput(cli, ["-h", "127.0.0.1", "-p", str(self.port), *self.cli_args, *args], env=dict(os.environ))
+        out = await utils.getProcessOutput(cli, ["-h", "127.0.0.1", "-p", str(self.port), *args], env=dict(os.environ))
         return [line for line in out.decode().splitlines() if line]
 
     def signal(self, name: str) -> None:
@@ -157,11 +176,6 @@ class RedisServer:
             self.signal("CONT")
             self.signal("KILL")
             await watcher.ended
-
-    async def restart(self) -> None:
-        """Kill it and start a new one on the same port (with no data)."""
-        await self.kill()
-        await self.start()
 
 
 class ClusterNodes:

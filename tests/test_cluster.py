@@ -157,3 +157,18 @@ def _message(room: str, content) -> bytes:
     from relay.wire import encode_json
 
     return encode_json(MessageType.MESSAGE, {"room": room, "content": content})
+
+
+class RedisServerHelperTests(unittest.TestCase):
+    """The tests' own Redis: a port taken between choosing and binding it is replaced."""
+
+    async def test_a_taken_port_is_replaced_on_the_first_start(self) -> None:
+        from twisted.internet import protocol, reactor
+
+        taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        redis = RedisServer(self)
+        redis.port = taken.getHost().port
+        await redis.start()
+        self.assertNotEqual(redis.port, taken.getHost().port)
+        self.assertEqual(await redis.command("PING"), ["PONG"])

@@ -47,12 +47,11 @@ class RedisConnectionTests(unittest.TestCase):
         server = ca.issue_cert("127.0.0.1", "localhost")
         server.cert_chain_pems[0].write_to_path(paths["cert.pem"])
         server.private_key_pem.write_to_path(paths["key.pem"])
-        redis = RedisServer(self)
-        redis.extra = (
-            "--port", "0", "--tls-port", str(redis.port),
+        redis = RedisServer(self, extra=(
+            "--port", "0", "--tls-port", "{port}",
             "--tls-cert-file", paths["cert.pem"], "--tls-key-file", paths["key.pem"],
             "--tls-ca-cert-file", paths["ca.pem"], "--tls-auth-clients", "no",
-        )
+        ))
         await redis.start()
         await self.two_nodes_deliver(f"rediss://127.0.0.1:{redis.port}/0?trustRoots={paths['ca.pem']}")
 
