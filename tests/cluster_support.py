@@ -9,6 +9,7 @@ Without ``redis-server`` on the PATH the cluster tests are skipped, unless
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,11 @@ class OutputWatcher(protocol.ProcessProtocol):
             waiter.errback(AssertionError(self.output.decode(errors="replace")[-4000:]))
         self._markers = []
         self.ended.callback(reason.value)
+
+
+def listening_ports(output: bytes) -> list[int]:
+    """The ports a twistd relay process said it listens on, in order."""
+    return [int(port) for port in re.findall(rb"Listening on IPv4Address\(type='TCP', host='[^']*', port=(\d+)\)", output)]
 
 
 class PortTaken(Exception):

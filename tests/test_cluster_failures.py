@@ -13,7 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relay.wire import MessageType, encode_json, loads
-from tests.cluster_support import ClusterNodes, OutputWatcher, RedisServer, connect, free_port, wait_until
+from tests.cluster_support import ClusterNodes, OutputWatcher, RedisServer, connect, listening_ports, wait_until
 from tests.support import FrameClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,11 +184,11 @@ class KilledNodeTests(unittest.TestCase):
         return watcher, process
 
     async def start_node(self, redis_url: str) -> tuple[OutputWatcher, object, int]:
-        port = free_port()
         watcher, process = self.twistd(
-            "--port", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--membership-ttl", "2"
+            "--port", "tcp:0:interface=127.0.0.1", "--redis", redis_url, "--membership-ttl", "2"
         )
         await watcher.wait_for(b"Redis link up")
+        (port,) = listening_ports(watcher.output)
         return watcher, process, port
 
     async def client(self, port: int) -> FrameClient:

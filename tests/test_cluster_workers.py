@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.workers import Adopter, ListenerCapture, restart_delay, worker_argv
 from relay.wire import ErrorCode, MessageType
-from tests.cluster_support import OutputWatcher, RedisServer, free_port, wait_until
+from tests.cluster_support import OutputWatcher, RedisServer, listening_ports, wait_until
 from tests.support import FrameClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,8 +70,6 @@ class SupervisorTests(unittest.TestCase):
 
     async def setUp(self) -> None:
         self.redis = await RedisServer(self).start()
-        self.port = free_port()
-        self.websocket_port = free_port()
         self.watcher = OutputWatcher()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -79,13 +77,14 @@ class SupervisorTests(unittest.TestCase):
             self.watcher,
             TWISTD,
             [TWISTD, "-n", "--pidfile=", "relay", "--workers", "2", "--redis", self.redis.url,
-             "--port", f"tcp:{self.port}:interface=127.0.0.1",
-             "--websocket", f"tcp:{self.websocket_port}:interface=127.0.0.1"],
+             "--port", "tcp:0:interface=127.0.0.1", "--websocket", "tcp:0:interface=127.0.0.1"],
             env=env,
             path=tempfile.mkdtemp(),
         )
         self.addCleanup(self.kill_all)
         await wait_until(lambda: self.watcher.output.count(b"Redis link up") >= 2, "both workers up")
+        # The supervisor's, then each worker's (the same ports, adopted).
+        self.port, self.websocket_port = listening_ports(self.watcher.output)[:2]
 
     def kill_all(self):
         for pid in self.worker_pids():
