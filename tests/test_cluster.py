@@ -172,3 +172,34 @@ class RedisServerHelperTests(unittest.TestCase):
         await redis.start()
         self.assertNotEqual(redis.port, taken.getHost().port)
         self.assertEqual(await redis.command("PING"), ["PONG"])
+
+
+class WebSocketNodeTests(unittest.TestCase):
+    """A member connected over WebSocket (the client library) to one node
+    talks with a TCP member of another."""
+
+    timeout = 60
+
+    async def test_websocket_and_tcp_members_on_two_nodes_share_a_room(self) -> None:
+        from twisted.internet import reactor
+
+        from relay.client import connect as connect_relay
+
+        redis = await RedisServer(self).start()
+        nodes = ClusterNodes(self, redis.url)
+        a = await nodes.node()
+        b = await nodes.node("--websocket", "tcp:0:interface=127.0.0.1")
+        web_port = b.listening_ports[1].getHost().port
+        web = await connect_relay(reactor, f"ws://127.0.0.1:{web_port}/relay", user="web")
+        self.addCleanup(web.disconnect)
+        received = []
+        web.on_message = received.append
+        self.assertEqual((await web.join("lobby"))["members"], 1)
+        tcp = await connect(self, a)
+        await tcp.hello(userId="tcp")
+        self.assertEqual((await tcp.join("lobby"))["members"], 2)
+        tcp.send_json(MessageType.MESSAGE, {"room": "lobby", "content": "to the browser"})
+        await wait_until(lambda: received, "the delivery over WebSocket")
+        self.assertEqual((received[0].sender, received[0].content), ("tcp", "to the browser"))
+        await web.send("lobby", "back")
+        self.assertEqual((await tcp.next_json())[1]["content"], "back")
