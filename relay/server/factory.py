@@ -17,7 +17,16 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from relay.server.backplane import (
+    DEFAULT_CLUSTER_NAME,
+    DEFAULT_MEMBERSHIP_TTL,
+    DEFAULT_REDIS_QUEUE,
+    IBackplane,
+    IClusterNode,
+    RedisAddress,
+)
 from relay.server.fanout import Batch
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -44,6 +53,11 @@ class RelayConfig:
     # glibc's 128 KiB mmap threshold, so each read still comes off the heap.
     read_size: int = 124 * 1024
     debug: bool = False
+    # Cluster on Redis (relay.server.backplane): off without a Redis address.
+    redis: RedisAddress | None = None
+    cluster_name: str = DEFAULT_CLUSTER_NAME
+    redis_queue: int = DEFAULT_REDIS_QUEUE
+    membership_ttl: int = DEFAULT_MEMBERSHIP_TTL
 
     @property
     def heartbeat_interval(self) -> int:
@@ -94,15 +108,20 @@ def transport_kind(transport: Any) -> str:
     return "tcp"
 
 
+@implementer(IClusterNode)
 class RelayFactory(ServerFactory):
     """Builds a ``RelayProtocol`` per connection and holds what they share."""
 
-    def __init__(self, config: RelayConfig | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self, config: RelayConfig | None = None, reactor: Any = None, backplane: IBackplane | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config or RelayConfig()
-        self.registry = RoomRegistry()
+        self.registry = RoomRegistry(backplane)
+        # The other nodes of a cluster (a LocalBackplane when there are none).
+        self.backplane = self.registry.backplane
         self.connections: set[RelayProtocol] = set()
         self.stats = Stats(started=reactor.seconds())
         # What the current read produced, written out by flush().
@@ -149,6 +168,13 @@ class RelayFactory(ServerFactory):
     def flush(self) -> None:
         """Write every outbox filled since the last flush."""
         self.batch.flush()
+
+    def deliver_remote(self, room: str, frames: list[bytes]) -> None:
+        """Hand frames another node broadcast to ``room`` to its local members
+        (``IClusterNode``); the backplane flushes after each read."""
+        local = self.registry.get(room)
+        if local is not None:
+            local.deliver(frames, self.batch)
 
     # Shutdown
 

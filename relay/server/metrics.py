@@ -293,6 +293,19 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
+def backplane_source(backplane: Any) -> MetricSource:
+    """The cluster backplane's own metrics (its link, what crossed it), at each scrape."""
+
+    def collect() -> Iterable[Metric]:
+        for name, kind, documentation, value in backplane.metric_values():
+            if kind == "counter":
+                yield _counter(name, documentation, value)
+            else:
+                yield _gauge(name, documentation, value)
+
+    return collect
+
+
 class Health:
     """What /healthz reports: serving unless shutting down or a check fails.
 

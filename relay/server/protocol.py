@@ -20,8 +20,9 @@ client is cut off as a slow consumer.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -92,6 +93,10 @@ _ALLOWED_TRANSITIONS = {
 }
 
 
+class _Held(Exception):
+    """Stops handling the frames of a read until a cluster join is counted."""
+
+
 class IMessageTransport(Interface):
     """A transport that keeps message boundaries (WebSocket).
 
@@ -133,6 +138,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._said_hello = False
         self._requests_seen = False
         self._close_call = None
+        # True while a JOIN waits for the cluster's member count.
+        self._held = False
         self._keeps_message_boundaries = False
         self._handlers: dict[int, Callable[[Frame], None]] = {
             MessageType.HELLO: self._on_hello,
@@ -279,6 +286,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.resetTimeout()
         stats = self.factory.stats
         stats.bytes_in += len(data)
+        if self._held:  # a JOIN waits for the cluster: frames wait too
+            self._decoder.feed(data)
+            return
         try:
             for frame in self._decoder.feed(data):
                 stats.frames_in += 1
@@ -290,6 +300,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     break
         except ProtocolError as error:
             self.fail(error.code, error.message)
+        except _Held:
+            pass
         finally:
             self.factory.flush()
 
@@ -353,7 +365,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1
         self._requests_seen = True
         request_id, room = parse_room_request(frame)
-        if room not in self.rooms:
+        new = room not in self.rooms
+        if new:
             limit = self.factory.config.max_rooms
             if len(self.rooms) >= limit:
                 raise RequestError(
@@ -363,10 +376,40 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 )
             self.rooms.add(room)
             log.info("{conn} ({user}) joined {room}", conn=self.connection_id, user=self.user_id, room=room)
+        counted = self.factory.registry.count_members(room, new)
+        if isinstance(counted, Deferred):  # a cluster counts in Redis: ack later, in order
+            self._hold(counted.addCallback(self._joined_cluster, room, request_id))
         members = len(self.factory.registry.join(self, room))
+        self._reply(
+            MessageType.JOIN_ROOM,
+            {"status": "joined", "room": room, "members": members if counted is None else counted},
+            request_id,
+        )
+
+    def _joined_cluster(self, members: int, room: str, request_id: Any) -> None:
+        """The cluster counted ``room``: join it, ack, and go on with the
+        frames that arrived meanwhile."""
+        self._held = False
+        if not self.accepting:
+            return
+        self.factory.registry.join(self, room)
         self._reply(
             MessageType.JOIN_ROOM, {"status": "joined", "room": room, "members": members}, request_id
         )
+        if IPushProducer.providedBy(self.transport):
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
+
+    def _hold(self, counting: Deferred[Any]) -> NoReturn:
+        """Handle no frame until ``counting`` fires, so that replies keep the
+        order of their requests.  Reading pauses where the transport can
+        (TCP); elsewhere frames wait in the decoder, for at most the
+        backplane's reply timeout."""
+        self._held = True
+        if IPushProducer.providedBy(self.transport):
+            self.transport.pauseProducing()
+        counting.addErrback(lambda failure: log.failure("BUG: a cluster join failed", failure))
+        raise _Held()
 
     def _on_leave(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.LEAVE_ROOM] += 1
@@ -437,7 +480,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             )
         room.seq += 1  # counts publishes that were delivered
         self.factory.stats.messages_published += 1
-        room.broadcast(delivery, exclude=None if self.echo else self, batch=self._batch)
+        room.broadcast(delivery, None if self.echo else self, self._batch, self.connection_id)
 
     def _on_heartbeat(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.HEARTBEAT] += 1

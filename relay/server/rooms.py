@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from twisted.internet import defer
+
+from relay.server.backplane import IBackplane, LocalBackplane
 from relay.server.fanout import Batch, Fanout, Member
 
 
@@ -41,13 +44,18 @@ class Room:
             self._snapshot = tuple(self._members)
 
     def broadcast(
-        self, frame: bytes, exclude: Member | None = None, batch: Batch | None = None
+        self,
+        frame: bytes,
+        exclude: Member | None = None,
+        batch: Batch | None = None,
+        origin: str | None = None,
     ) -> None:
         """Hand the same ``frame`` bytes to every member but ``exclude``.
 
         Consecutive broadcasts to the same members from the same sender in
         one ``batch`` share one ``Fanout`` (see ``relay.server.fanout``);
-        without a batch nothing is shared.
+        without a batch nothing is shared.  ``origin``, the publishing
+        connection's id, matters to rooms that forward to other nodes.
         """
         fanout = batch.fanouts.get(self) if batch is not None else None
         if (
@@ -70,12 +78,49 @@ class Room:
                 member.enqueue(frame)
 
 
-class RoomRegistry:
-    """Every live room by name.  A room exists while it has members."""
+class ForwardingRoom(Room):
+    """A room of one node of a cluster.
 
-    def __init__(self) -> None:
+    Its broadcasts also go to the backplane, for the members on the other
+    nodes; the other nodes' broadcasts come in through ``deliver``, already
+    encoded, and are handed to the local members like local ones.
+    """
+
+    __slots__ = ("_backplane",)
+
+    def __init__(self, name: str, backplane: IBackplane) -> None:
+        super().__init__(name)
+        self._backplane = backplane
+
+    def broadcast(
+        self,
+        frame: bytes,
+        exclude: Member | None = None,
+        batch: Batch | None = None,
+        origin: str | None = None,
+    ) -> None:
+        Room.broadcast(self, frame, exclude, batch)
+        self._backplane.forward(self.name, frame, origin, batch)
+
+    def deliver(self, frames: list[bytes], batch: Batch | None) -> None:
+        """Hand frames broadcast on another node to every local member."""
+        broadcast = Room.broadcast
+        for frame in frames:
+            broadcast(self, frame, None, batch)
+
+
+class RoomRegistry:
+    """Every live room by name.  A room exists while it has members.
+
+    In a cluster the registry tells its ``backplane`` who joins and leaves,
+    and its rooms forward their broadcasts (``ForwardingRoom``).
+    """
+
+    def __init__(self, backplane: IBackplane | None = None) -> None:
         self._rooms: dict[str, Room] = {}
         self.peak_rooms = 0
+        self.backplane: IBackplane = backplane if backplane is not None else LocalBackplane()
+        self._forwarding = self.backplane.clustered
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -94,13 +139,30 @@ class RoomRegistry:
         """Add ``member`` to room ``name``, creating it; return the room."""
         room = self._rooms.get(name)
         if room is None:
-            room = self._rooms[name] = Room(name)
+            room = ForwardingRoom(name, self.backplane) if self._forwarding else Room(name)
+            self._rooms[name] = room
             self.peak_rooms = max(self.peak_rooms, len(self._rooms))
         room.add(member)
         return room
 
+    def count_members(self, name: str, new: bool) -> defer.Deferred[int] | int | None:
+        """Tell the backplane a member is joining room ``name``.
+
+        ``new``: it was not a member yet.  None when there is no cluster
+        (join, then count the room); an int, the count, when it is known at
+        once; else a Deferred of the count across the cluster, joiner
+        included, that fires once the node receives the room's broadcasts
+        from the other nodes: join then (``IBackplane.joined``).
+        """
+        return self.backplane.joined(name, new)
+
     def leave(self, member: Member, name: str) -> None:
-        """Remove ``member`` from room ``name``; the last one out deletes it."""
+        """Remove ``member`` from room ``name``; the last one out deletes it.
+
+        The backplane is told even if the member's join was still being
+        counted (and so it is not in the room yet).
+        """
+        self.backplane.left(name)
         room = self._rooms.get(name)
         if room is None:
             return

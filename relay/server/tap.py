@@ -15,7 +15,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import logs, metrics, tls
+from relay.server import backplane, logs, metrics, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.signals import StopSignals
 
@@ -63,13 +63,18 @@ class Options(usage.Options):
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ] + metrics.OPTIONS + logs.OPTIONS
+    ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
+        self.argv: list[str] = []  # as given, for --workers to pass on
         self["ports"] = []
         self["websockets"] = []
         self["allowed-origins"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(options) if options is not None else []
+        super().parseOptions(options)
 
     def opt_port(self, description: str) -> None:
         """Listen on this strports description (repeatable) [default: tcp:4000]."""
@@ -95,6 +100,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tls-client-ca: no such file: {client_ca}")
         if os.environ.get("RELAY_DEBUG", "") not in ("", "0"):
             self["debug"] = True
+        if self["workers"] and self["redis"] is None:
+            raise usage.UsageError("--workers needs --redis: the workers share their rooms through it")
 
     def config(self) -> RelayConfig:
         return RelayConfig(
@@ -105,6 +112,11 @@ class Options(usage.Options):
             max_connections=self["max-connections"],
             read_size=self["read-size"],
             debug=bool(self["debug"]),
+            # Cluster
+            redis=self["redis"],
+            cluster_name=self["cluster-name"],
+            redis_queue=self["redis-queue"],
+            membership_ttl=self["membership-ttl"],
         )
 
 
@@ -140,6 +152,8 @@ class RelayService(service.MultiService):
         self._metrics_service: service.MultiService | None = None
         self.log_observer: ILogObserver | None = None
         self.stop_signals: StopSignals | None = None
+        # In a --workers worker: the inherited listening sockets, in order.
+        self._adopted = workers.inherited_listeners(factory.reactor)
 
     def listen(
         self,
@@ -152,7 +166,11 @@ class RelayService(service.MultiService):
 
         A port that cannot be bound makes startService raise.
         """
-        listener = strports.service(description, factory, reactor=self.factory.reactor)
+        # A --workers worker adopts the supervisor's sockets for its own
+        # listeners, in order; the metrics listener is its own.
+        adopted = ports is None and self._adopted
+        reactor = self._adopted.pop(0) if adopted else self.factory.reactor
+        listener = strports.service(description, factory, reactor=reactor)
         listener.endpoint = _RecordingEndpoint(
             listener.endpoint, self.listening_ports if ports is None else ports
         )
@@ -163,6 +181,10 @@ class RelayService(service.MultiService):
     def serve_metrics(self, description: str) -> metrics.Metrics:
         """Serve /metrics, /healthz, /rooms and the dashboard on ``description``."""
         self.metrics = metrics.Metrics(self.factory)
+        if self.factory.config.redis is not None:
+            # The cluster's link: in the metrics, and /healthz is 503 while it is down.
+            self.metrics.collector.add_source(metrics.backplane_source(self.factory.backplane))
+            self.metrics.health.add_check("cluster", self.factory.backplane.health)
         self._metrics_service = service.MultiService()
         metrics.SamplerService(self.metrics.sampler).setServiceParent(self._metrics_service)
         self.listen(description, self.metrics.site(), self._metrics_service, self.metrics_ports)
@@ -194,6 +216,7 @@ class RelayService(service.MultiService):
             # After the reactor's own handlers, which it installs at startup.
             self.factory.reactor.callWhenRunning(self.stop_signals.install)
         log.info("Relay started with {config}", config=self.factory.config)
+        self.factory.backplane.start(self.factory)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -201,6 +224,7 @@ class RelayService(service.MultiService):
         # Listeners stop first, so nobody new arrives while clients are told.
         yield super().stopService()
         yield self.factory.shutdown()
+        yield self.factory.backplane.stop()
         log.info(SUMMARY_FORMAT, **self.factory.summary())
         if self._metrics_service is not None:
             yield self._metrics_service.stopService()
@@ -215,11 +239,27 @@ SUMMARY_FORMAT = (
 )
 
 
-def makeService(options: Options, reactor: Any = None) -> RelayService:
+def makeService(options: Options, reactor: Any = None) -> service.Service:
     """Build the Relay service tree from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
-    factory = RelayFactory(options.config(), reactor=reactor)
+    if options["workers"]:
+        descriptions = [
+            tls.endpoint_description(description, options["tls-client-ca"])
+            for description in options["ports"] + options["websockets"]
+        ]
+        return workers.WorkerSupervisor(options["workers"], descriptions, options.argv, reactor=reactor)
+    workers.become_worker(reactor)
+    config = options.config()
+    cluster = None
+    if config.redis is not None:
+        # Imported here so that `twistd relay` without a cluster does not pay for a Redis client.
+        from relay.server.redis_backplane import RedisBackplane
+
+        cluster = RedisBackplane(
+            config.redis, config.cluster_name, config.redis_queue, config.membership_ttl, reactor=reactor
+        )
+    factory = RelayFactory(config, reactor=reactor, backplane=cluster)
     relay = RelayService(factory)
     _observability(options, relay)
     client_ca = options["tls-client-ca"]

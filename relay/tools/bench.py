@@ -103,7 +103,10 @@ class BenchConfig:
     window: int = 0  # 0: DEFAULT_WINDOW, or fewer for large messages
     drain: float = DEFAULT_DRAIN
     binary: bool = False
-    server_pid: int | None = None
+    # Processes whose CPU and memory are the server's (nodes, Redis): summed.
+    server_pids: tuple[int, ...] = ()
+    # Publishers connect here instead (another node of a cluster).
+    publisher_endpoint: str | None = None
     progress: bool = True
     # The server's --metrics URL (ending in /metrics): its own counts of the run.
     metrics_url: str | None = None
@@ -451,15 +454,19 @@ class Snapshot:
     cpu: float
     server_cpu: float | None
 
+    server_cpus: tuple[float | None, ...] = ()
+
     @classmethod
     def take(cls, bench: Bench) -> Snapshot:
-        pid = bench.config.server_pid
+        cpus = tuple(process_cpu_seconds(pid) for pid in bench.config.server_pids)
+        known = bool(cpus) and None not in cpus
         return cls(
             at=bench.clock(),
             published=sum(r.published for r in bench.rooms),
             received=sum(r.received() for r in bench.rooms),
             cpu=cpu_seconds(),
-            server_cpu=process_cpu_seconds(pid) if pid else None,
+            server_cpu=sum(cpus) if known else None,
+            server_cpus=cpus,
         )
 
 
@@ -522,6 +529,12 @@ async def fetch_text(reactor: Any, url: str) -> str:
     if response.code != 200:
         raise BenchError(f"{url} answered HTTP {response.code}")
     return text.decode("utf-8")
+
+
+def servers_rss_bytes(pids: tuple[int, ...]) -> int | None:
+    """The summed RSS of ``pids``; None if any is unknown or there are none."""
+    sizes = [process_rss_bytes(pid) for pid in pids]
+    return sum(sizes) if sizes and None not in sizes else None
 
 
 def percentile(ordered: list[float], percent: float) -> float | None:
@@ -596,10 +609,13 @@ class Bench:
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
         endpoint = clientFromString(self.reactor, self.config.endpoint)
+        publisher_endpoint = endpoint
+        if self.config.publisher_endpoint:
+            publisher_endpoint = clientFromString(self.reactor, self.config.publisher_endpoint)
         semaphore = defer.DeferredSemaphore(CONNECT_CONCURRENCY)
 
         async def connect(connection: BenchConnection) -> None:
-            await connectProtocol(endpoint, connection)
+            await connectProtocol(publisher_endpoint if isinstance(connection, Publisher) else endpoint, connection)
             await connection.ready
 
         def connect_one(connection: BenchConnection) -> defer.Deferred[None]:
@@ -677,13 +693,13 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         config = self.config
-        server_rss_before = process_rss_bytes(config.server_pid) if config.server_pid else None
+        server_rss_before = servers_rss_bytes(config.server_pids)
         metrics_before = await self._server_counts()
         connections = self._plan()
         connect_started = self.clock()
         await self._connect_all(connections)
         connect_seconds = self.clock() - connect_started
-        server_rss_connected = process_rss_bytes(config.server_pid) if config.server_pid else None
+        server_rss_connected = servers_rss_bytes(config.server_pids)
 
         self._progress_loop = task.LoopingCall(self._progress)
         self._progress_loop.clock = self.reactor
@@ -786,6 +802,11 @@ class Bench:
         if start.server_cpu is not None and end.server_cpu is not None:
             server_cpu = end.server_cpu - start.server_cpu
             report["server_cpu_percent"] = round(100 * server_cpu / elapsed, 1)
+            if len(start.server_cpus) > 1:
+                report["server_cpu_percent_by_pid"] = {
+                    str(pid): round(100 * (after - before) / elapsed, 1)
+                    for pid, before, after in zip(config.server_pids, start.server_cpus, end.server_cpus)
+                }
             # On a shared machine the server may not get a whole core; what
             # it delivers per CPU-second it did get is the steadier figure.
             if server_cpu > 0:
@@ -832,6 +853,10 @@ def format_report(report: dict[str, Any]) -> str:
         f" over the whole run  ({plural(report['lost_connections'], 'connection')} lost)",
         cpu_line,
     ]
+    if "server_cpu_percent_by_pid" in report:
+        lines[-1] += "  (" + ", ".join(
+            f"pid {pid} {percent}%" for pid, percent in report["server_cpu_percent_by_pid"].items()
+        ) + ")"
     if "delivered_per_server_cpu_second" in report:
         lines.append(
             f"efficiency  {report['delivered_per_server_cpu_second']:,} deliveries"
@@ -875,8 +900,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--window", type=_count, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
     add("--drain", type=_seconds, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
-    add("--server-pid", type=_positive_int, default=None, help="Report this process's CPU and memory as the server's.")
+    add("--server-pid", type=_positive_int, action="append", default=[], help="Report this process's CPU and memory as the server's; repeat for a cluster's nodes and Redis (summed).")
     add("--metrics-url", default=None, help="The server's metrics URL (e.g. http://127.0.0.1:9100/metrics): report its own counts of the run.")
+    add("--publisher-endpoint", default=None, help="Connect the publishers here instead of --endpoint (another node of a cluster).")
     add("--json", action="store_true", help="Print the report as one JSON object.")
     add("--quiet", action="store_true", help="No live progress line on stderr.")
     args = parser.parse_args(argv)
@@ -894,7 +920,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         window=args.window,
         drain=args.drain,
         binary=args.binary,
-        server_pid=args.server_pid,
+        server_pids=tuple(args.server_pid),
+        publisher_endpoint=args.publisher_endpoint,
         progress=not args.quiet,
         metrics_url=args.metrics_url,
     )
