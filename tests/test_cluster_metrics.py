@@ -41,3 +41,16 @@ class ClusterMetricsTests(unittest.TestCase):
         self.assertEqual(status, 503)
         self.assertFalse(orjson.loads(body)["checks"]["cluster"]["ok"])
         self.assertEqual((await scrape(self.base)).value("relay_cluster_link_up"), 0)
+
+
+class WorkersAndMetricsTests(unittest.TestCase):
+    def test_metrics_with_workers_is_a_usage_error(self) -> None:
+        from twisted.python import usage
+
+        from relay.server.tap import Options
+
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(
+                ["--workers", "2", "--redis", "redis://127.0.0.1:1/0", "--metrics", "tcp:9100"]
+            )
+        self.assertIn("--metrics", str(caught.exception))

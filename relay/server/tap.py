@@ -102,6 +102,10 @@ class Options(usage.Options):
             self["debug"] = True
         if self["workers"] and self["redis"] is None:
             raise usage.UsageError("--workers needs --redis: the workers share their rooms through it")
+        if self["workers"] and self["metrics"] is not None:
+            raise usage.UsageError(
+                "--metrics cannot be combined with --workers: every worker would bind its port"
+            )
 
     def config(self) -> RelayConfig:
         return RelayConfig(
