@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from relay.server.auth import Authenticator
 from relay.server.fanout import Batch
 from relay.server.protocol import RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -41,6 +42,9 @@ class RelayConfig:
     # glibc's 128 KiB mmap threshold, so each read still comes off the heap.
     read_size: int = 124 * 1024
     debug: bool = False
+    # Authentication (relay.server.auth): how long a client has for its
+    # first HELLO, with its token when authentication is required.
+    hello_timeout: float = 10.0
 
     @property
     def heartbeat_interval(self) -> int:
@@ -69,7 +73,8 @@ class Stats:
 class RelayFactory(ServerFactory):
     """Builds a ``RelayProtocol`` per connection and holds what they share."""
 
-    def __init__(self, config: RelayConfig | None = None, reactor: Any = None) -> None:
+    def __init__(self, config: RelayConfig | None = None, reactor: Any = None,
+                 auth: Authenticator | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -79,6 +84,8 @@ class RelayFactory(ServerFactory):
         self.stats = Stats(started=reactor.seconds())
         # What the current read produced, written out by flush().
         self.batch = Batch()
+        # Who connections are and where they may go; None: no authentication.
+        self.auth = auth
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:

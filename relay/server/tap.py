@@ -13,7 +13,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import tls
+from relay.server import auth, tls
 from relay.server.factory import RelayConfig, RelayFactory
 
 log = Logger()
@@ -51,7 +51,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["debug", None, "Log every frame and state transition (also RELAY_DEBUG=1)."],
-    ]
+    ] + auth.FLAGS
     optParameters = [
         ["max-frame-size", None, RelayConfig.max_frame_size, "Largest frame length accepted, in bytes.", _positive_int],
         ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed; 0 never closes a silent client (TCP keepalive still finds dead peers).", _non_negative_int],
@@ -60,7 +60,7 @@ class Options(usage.Options):
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ]
+    ] + auth.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,6 +92,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tls-client-ca: no such file: {client_ca}")
         if os.environ.get("RELAY_DEBUG", "") not in ("", "0"):
             self["debug"] = True
+        # Key files are read now, so a bad one stops startup with a usage error.
+        self["authenticator"] = auth.from_options(self)
 
     def config(self) -> RelayConfig:
         return RelayConfig(
@@ -102,6 +104,7 @@ class Options(usage.Options):
             max_connections=self["max-connections"],
             read_size=self["read-size"],
             debug=bool(self["debug"]),
+            hello_timeout=self["hello-timeout"],
         )
 
 
@@ -156,8 +159,10 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     """Build the Relay service tree from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
-    factory = RelayFactory(options.config(), reactor=reactor)
+    factory = RelayFactory(options.config(), reactor=reactor, auth=options["authenticator"])
     relay = RelayService(factory)
+    if factory.auth is not None:
+        auth.ReloadOnHangup(factory.auth, reactor).setServiceParent(relay)
     client_ca = options["tls-client-ca"]
     for description in options["ports"]:
         relay.listen(tls.endpoint_description(description, client_ca), factory)
