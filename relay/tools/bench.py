@@ -105,6 +105,8 @@ class BenchConfig:
     binary: bool = False
     server_pid: int | None = None
     progress: bool = True
+    # Sent in every HELLO (which then names no user: the token does); never reported.
+    token: str | None = field(default=None, repr=False)
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -185,8 +187,11 @@ class BenchConnection(Protocol):
     """HELLO, JOIN_ROOM, then whatever the subclass does with deliveries.
 
     ``ready`` fires once the join is acknowledged; ``count`` is the number of
-    deliveries received since.
+    deliveries received since.  With a ``token`` the HELLO carries it and
+    leaves the user id to it.
     """
+
+    token: str | None = None
 
     def __init__(self, name: str, room: str, on_lost: Callable[[BenchConnection], None]) -> None:
         self.name = name
@@ -203,8 +208,13 @@ class BenchConnection(Protocol):
         if hasattr(self.transport, "bufferSize"):
             # Fewer, larger reads: counting must cost far less than serving.
             self.transport.bufferSize = READ_SIZE
+        hello: dict[str, Any] = {"clientVersion": "relay-bench"}
+        if self.token is None:
+            hello["userId"] = self.name
+        else:
+            hello["token"] = self.token
         self.transport.write(
-            encode_json(MessageType.HELLO, {"userId": self.name, "clientVersion": "relay-bench"})
+            encode_json(MessageType.HELLO, hello)
             + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
         )
 
@@ -528,6 +538,8 @@ class Bench:
             )
             room.publishers.append(publisher)
             connections.append(publisher)
+        for connection in connections:
+            connection.token = config.token
         return connections
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
@@ -681,8 +693,10 @@ class Bench:
         latencies = sorted(l for r in self.rooms if r.tracker for l in r.tracker.latencies)
         expected = sum(r.expected() for r in self.rooms)
         received = sum(r.received() for r in self.rooms)
+        settings = asdict(config)
+        settings["token"] = "(given)" if config.token is not None else None
         report: dict[str, Any] = {
-            "config": asdict(config),
+            "config": settings,
             "seconds": round(elapsed, 3),
             "published_per_second": round((end.published - start.published) / elapsed),
             "delivered_per_second": round(delivered),
@@ -769,7 +783,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--server-pid", type=int, default=None, help="Report this process's CPU and memory as the server's.")
     add("--json", action="store_true", help="Print the report as one JSON object.")
     add("--quiet", action="store_true", help="No live progress line on stderr.")
+    credentials = parser.add_mutually_exclusive_group()
+    credentials.add_argument("--token", help="Token every connection sends in HELLO (for a server that requires one).")
+    credentials.add_argument("--token-file", help="Read the --token from this file.")
     args = parser.parse_args(argv)
+    token = args.token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except OSError as problem:
+            parser.error(f"--token-file: {problem.strerror}: {args.token_file}")
     if args.rooms < 1 or args.subscribers < 0 or args.publishers < 0 or args.window < 0:
         parser.error("--rooms must be positive, counts and --window not negative")
     config = BenchConfig(
@@ -786,6 +810,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         binary=args.binary,
         server_pid=args.server_pid,
         progress=not args.quiet,
+        token=token,
     )
     return config, args.json
 
