@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import tempfile
+
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -36,6 +40,7 @@ from tests.authkeys import (
     public_pem,
     unsigned,
 )
+from tests.test_service import TWISTD, source_env
 
 NOW = 1_000_000.0
 
@@ -376,3 +381,14 @@ class OptionTests(unittest.TestCase):
             ["--auth-tokens", self.files.write("bad.json", b"{")],
         ):
             self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    async def test_twistd_help_lists_the_auth_options_with_their_defaults(self) -> None:
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD, ["relay", "--help"], env=source_env(), path=tempfile.mkdtemp(), reactor=reactor
+        )
+        self.assertEqual(code, 0, err)
+        help_text = b" ".join(out.split())
+        for expected in (b"--auth-tokens=", b"--jwt-key=", b"--jwt-audience=", b"--jwt-issuer=",
+                         b"--jwt-leeway=", b"[default: 30.0]", b"--hello-timeout=", b"[default: 10.0]",
+                         b"--allow-anonymous", b"--anonymous-rooms=", b"Re-read on SIGHUP"):
+            self.assertIn(expected, help_text)
