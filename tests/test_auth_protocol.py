@@ -86,6 +86,7 @@ class HelloDeadlineTests(AuthProtocolTestCase):
         self.assertEqual(connection.replies(), [])
         self.clock.advance(0.1)
         self.assert_closed_with(connection, ErrorCode.UNAUTHORIZED, "no HELLO with a token within 10 seconds")
+        self.assertEqual(self.factory.auth.failures, {"no HELLO with a token within 10 seconds": 1})
 
     def test_heartbeats_before_hello_are_echoed_but_do_not_extend_the_deadline(self) -> None:
         connection = self.connect()
@@ -124,6 +125,7 @@ class HelloDeadlineTests(AuthProtocolTestCase):
             connection.send(first + later + encode_json(MessageType.JOIN_ROOM, {"room": "team-b"}))
             self.assert_closed_with(connection, ErrorCode.UNAUTHORIZED)
         self.assertEqual(self.factory.registry.peak_rooms, 0)
+        self.assertEqual(sum(self.factory.auth.failures.values()), 5)
 
     def test_no_deadline_when_the_timeout_is_zero(self) -> None:
         self.factory = RelayFactory(RelayConfig(hello_timeout=0), reactor=self.clock, auth=self.factory.auth)

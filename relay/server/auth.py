@@ -444,13 +444,7 @@ class Authenticator:
             if grant.user_id is not None and certified_user_id not in (None, grant.user_id):
                 raise Unauthorized("the token's subject is not the client certificate's name")
         except Unauthorized as refusal:
-            self.failures[refusal.message] += 1
-            log.info(
-                "{conn} authentication failed: {reason} (token {token})",
-                conn=conn,
-                reason=refusal.message,
-                token="none" if token is None else fingerprint(token),
-            )
+            self.refused(refusal, conn, token)
             raise
         log.info(
             "{conn} authenticated as {user} by {source} (token {token})",
@@ -460,6 +454,17 @@ class Authenticator:
             token="none" if token is None else fingerprint(token),
         )
         return grant
+
+    def refused(self, refusal: Unauthorized, conn: str = "-", token: str | None = None) -> Unauthorized:
+        """Count and log a refusal (of a token, or of a client that sent none in time)."""
+        self.failures[refusal.message] += 1
+        log.info(
+            "{conn} authentication failed: {reason} (token {token})",
+            conn=conn,
+            reason=refusal.message,
+            token="none" if token is None else fingerprint(token),
+        )
+        return refusal
 
     def _grant(self, token: str | None, now: float) -> Grant:
         if token is None:
@@ -472,9 +477,8 @@ class Authenticator:
             entry = self.api_keys.lookup(token)
             if entry is not None:
                 return grant_for(entry.user_id, entry.rooms, entry.publish, None, "api-key")
-            if self.jwt is None:
-                raise Unauthorized("invalid token: unknown API key")
-        assert self.jwt is not None
+        if self.jwt is None:
+            raise Unauthorized("invalid token: unknown API key")
         return self.jwt.verify(token, now)
 
     def reload(self) -> None:

@@ -473,7 +473,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         return handlers
 
     def _refuse_unauthenticated(self, frame: Frame) -> None:
-        raise Unauthorized(f"{_type_name(frame.type)} before an accepted HELLO")
+        refusal = Unauthorized(f"{_type_name(frame.type)} before an accepted HELLO")
+        raise self._auth.refused(refusal, self.connection_id)
 
     def _authenticate(self, hello: Hello) -> Grant:
         """The grant of a HELLO's token; raises Unauthorized (fatal)."""
@@ -504,9 +505,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _hello_missed(self) -> None:
         self._auth_timer = None
         wanted = "HELLO" if self._auth.anonymous is not None else "HELLO with a token"
-        self.fail(
-            ErrorCode.UNAUTHORIZED, f"no {wanted} within {self.factory.config.hello_timeout:g} seconds"
-        )
+        timeout = self.factory.config.hello_timeout
+        refusal = self._auth.refused(Unauthorized(f"no {wanted} within {timeout:g} seconds"), self.connection_id)
+        self.fail(refusal.code, refusal.message)
 
     def _token_expired(self) -> None:
         self._auth_timer = None
