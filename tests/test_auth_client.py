@@ -76,7 +76,8 @@ class ConnectTests(ClockedServerTestCase):
     async def test_a_provider_must_give_a_string(self) -> None:
         await self.assertFailure(connect(reactor, self.address, token_provider=lambda: 42), TypeError)
         self.assertRaises(ValueError, connect, reactor, self.address, token="t", token_provider=str)
-        self.assertRaises(ValueError, ReconnectingClient, reactor, self.address, token="t", token_provider=str)
+        self.assertRaises(ValueError, ReconnectingClient, reactor, self.address, token="t",
+                          token_provider=str)
 
     async def test_the_server_ends_the_connection_at_expiry(self) -> None:
         client = await self.connected(token=self.token())
@@ -158,7 +159,8 @@ class ReconnectingTokenTests(ClockedServerTestCase):
         gave_up = events.next("gave_up")
         self.expire()
         reason = await gave_up
-        self.assertEqual((reason.code, reason.message), (ErrorCode.UNAUTHORIZED, "invalid token: bad signature"))
+        self.assertEqual((reason.code, reason.message),
+                         (ErrorCode.UNAUTHORIZED, "invalid token: bad signature"))
         await wait_until(lambda: client.stopped, "the client stops once the hook returns")
         self.assertEqual(len(issued), 2)
         self.assertEqual(self.factory.stats.connections_total, 2)

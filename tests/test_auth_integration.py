@@ -332,7 +332,8 @@ class SighupTests(unittest.TestCase):
         return collector
 
     async def hello(self, socket_path: str, token: str) -> tuple[FrameClient, dict[str, Any]]:
-        client = await endpoints.connectProtocol(endpoints.UNIXClientEndpoint(reactor, socket_path), FrameClient())
+        endpoint = endpoints.UNIXClientEndpoint(reactor, socket_path)
+        client = await endpoints.connectProtocol(endpoint, FrameClient())
         self.addCleanup(_disconnect, client)
         type_, body = await client.request(MessageType.HELLO, {"token": token})
         return client, body

@@ -71,7 +71,8 @@ class AuthProtocolTestCase(unittest.TestCase):
         self.assertEqual((type_, body["status"]), (MessageType.HELLO, "connected"), body)
         return connection
 
-    def assert_closed_with(self, connection: StringConnection, code: ErrorCode, message: str | None = None) -> None:
+    def assert_closed_with(self, connection: StringConnection, code: ErrorCode,
+                           message: str | None = None) -> None:
         type_, body = connection.only_reply()
         self.assertEqual((type_, body["code"], body["fatal"]), (MessageType.ERROR, code.value, True), body)
         if message is not None:
@@ -194,7 +195,8 @@ class GrantTests(AuthProtocolTestCase):
     def test_a_join_outside_the_grant_is_forbidden_and_the_connection_carries_on(self) -> None:
         connection = self.authenticated(rooms=["team-*", "user.{sub}.*"])
         forbidden = self.join(connection, "kitchen")
-        self.assertEqual((forbidden["code"], forbidden["fatal"], forbidden["id"]), ("FORBIDDEN", False, "kitchen"))
+        self.assertEqual((forbidden["code"], forbidden["fatal"], forbidden["id"]),
+                         ("FORBIDDEN", False, "kitchen"))
         self.assertEqual(self.join(connection, " team-a ")["status"], "joined")
         self.assertEqual(self.join(connection, "user.alice.inbox")["status"], "joined")
         self.assertEqual(self.join(connection, "user.bob.inbox")["code"], "FORBIDDEN")

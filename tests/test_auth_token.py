@@ -92,7 +92,8 @@ class RelayTokenTests(unittest.TestCase):
         run("--new-secret", secret)
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-m", "relay.tools.token", "--key", secret, "--sub", "alice", "--rooms", "team-*", "--ttl", "1h"],
+            ["-m", "relay.tools.token", "--key", secret, "--sub", "alice", "--rooms", "team-*",
+             "--ttl", "1h"],
             env=source_env(), path=str(REPO), reactor=reactor,
         )
         self.assertEqual(code, 0, err)

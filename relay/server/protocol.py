@@ -506,7 +506,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._auth_timer = None
         wanted = "HELLO" if self._auth.anonymous is not None else "HELLO with a token"
         timeout = self.factory.config.hello_timeout
-        refusal = self._auth.refused(Unauthorized(f"no {wanted} within {timeout:g} seconds"), self.connection_id)
+        refusal = Unauthorized(f"no {wanted} within {timeout:g} seconds")
+        self._auth.refused(refusal, self.connection_id)
         self.fail(refusal.code, refusal.message)
 
     def _token_expired(self) -> None:
