@@ -31,7 +31,6 @@ from tests.authkeys import (
     OTHER_RSA_KEY,
     OTHER_SECRET,
     RSA_KEY,
-    SECRET,
     KeyFiles,
     claims,
     hs256_signed_with,
