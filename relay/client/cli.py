@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import os
 import re
 import signal
@@ -48,6 +49,8 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 OUTPUT_CLOSE_SECONDS = 2.0
 # Text from the server shown in one line (error messages, reasons) is cut here.
 MAX_SHOWN_TEXT = 300
+# A token file larger than this is not a token.
+MAX_TOKEN_FILE = 64 * 1024
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -621,7 +624,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"client endpoint (tcp:..., tls:..., unix:...) or ws:// URL [default: {DEFAULT_ENDPOINT}]",
     )
     parser.add_argument("--user", help="user id to ask for")
-    parser.add_argument("--token", help="authentication token")
+    credentials = parser.add_mutually_exclusive_group()
+    credentials.add_argument("--token", help="authentication token (visible to other local users "
+                                             "in the process list: prefer --token-file)")
+    credentials.add_argument("--token-file", metavar="FILE",
+                             help="read the token from FILE before every connection, so a file "
+                                  "kept fresh by its issuer renews the login")
     parser.add_argument("--echo", action="store_true", help="also show your own messages")
     parser.add_argument("--ca-file", help="PEM certificates to trust for tls: and wss://")
     parser.add_argument("--client-cert", help="PEM client certificate with its private key")
@@ -687,11 +695,38 @@ def _stdin_descriptor(options: argparse.Namespace) -> int:
     return os.open(os.devnull, os.O_RDONLY)
 
 
+def read_token_file(path: str) -> str:
+    """The token in ``path``, without surrounding white space."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_TOKEN_FILE + 1)
+    if len(data) > MAX_TOKEN_FILE:
+        raise ValueError(f"{path} is larger than {MAX_TOKEN_FILE} bytes: not a token")
+    token = data.decode("utf-8").strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
+
+
+def _token_provider(options: argparse.Namespace) -> Callable[[], str] | None:
+    """Reads ``--token-file`` before each connection; checked once now, so
+    that a missing file is a usage error rather than a retry."""
+    if options.token_file is None:
+        return None
+    try:
+        read_token_file(options.token_file)
+    except (OSError, ValueError) as problem:
+        sys.stderr.write(f"relay-client: --token-file: {problem}\n")
+        raise SystemExit(EXIT_USAGE) from None
+    return functools.partial(read_token_file, options.token_file)
+
+
 def _build_client(reactor: Any, options: argparse.Namespace) -> ReconnectingClient:
+    provider = _token_provider(options)
     try:
         return ReconnectingClient(
             reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
             ca_file=options.ca_file, client_cert=options.client_cert, acks=True,
+            token_provider=provider,
         )
     except Exception as problem:  # a bad description, an unreadable PEM file...
         sys.stderr.write(f"relay-client: cannot use {options.endpoint!r}: {problem}\n")

@@ -7,7 +7,7 @@ opens one connection over it and fires once HELLO is acknowledged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Union
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, ssl
@@ -137,6 +137,20 @@ def _websocket_endpoint(reactor: Any, url: str, ca_file: str | None,
     return WebSocketClientEndpoint(reactor, inner, url, WEBSOCKET_SUBPROTOCOL)
 
 
+# A callable giving a fresh token, at once or later: called before each connection.
+TokenProvider = Callable[[], Union[str, "defer.Deferred[str]"]]
+
+
+def fetch_token(provider: TokenProvider) -> defer.Deferred[str]:
+    """Call ``provider`` for a token; fails with TypeError if it gives no string."""
+    def check(token: Any) -> str:
+        if not isinstance(token, str):
+            raise TypeError(f"the token provider gave a {type(token).__name__}, not a string")
+        return token
+
+    return defer.maybeDeferred(provider).addCallback(check)
+
+
 def _handshake(endpoint: IStreamClientEndpoint, factory: Factory) -> defer.Deferred[Any]:
     """Connect, then wait for the HELLO ack; fires with the ready protocol."""
     connecting = endpoint.connect(factory)
@@ -145,13 +159,22 @@ def _handshake(endpoint: IStreamClientEndpoint, factory: Factory) -> defer.Defer
 
 def connect(reactor: Any, description: str, *, user: str | None = None,
             token: str | None = None, echo: bool = False, ca_file: str | None = None,
-            client_cert: str | None = None) -> defer.Deferred[RelayClientProtocol]:
+            client_cert: str | None = None,
+            token_provider: TokenProvider | None = None) -> defer.Deferred[RelayClientProtocol]:
     """Connect once; fires with a ``RelayClientProtocol`` after the HELLO ack.
 
     ``description`` is a Twisted client endpoint string (``tcp:``, ``tls:``,
     ``unix:``) or a ``ws://``/``wss://`` URL.  ``tls:`` verifies the server
     against the system's trust store unless ``ca_file`` is given.
+    ``token`` goes into HELLO; or ``token_provider``, a callable returning a
+    token or a Deferred of one, is called first for a fresh token.
     A refused HELLO fails with ``RelayError``.
     """
+    if token is not None and token_provider is not None:
+        raise ValueError("give a token or a token provider, not both")
     endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-    return _handshake(endpoint, RelayClientFactory(reactor, user=user, token=token, echo=echo))
+    if token_provider is None:
+        return _handshake(endpoint, RelayClientFactory(reactor, user=user, token=token, echo=echo))
+    return fetch_token(token_provider).addCallback(
+        lambda fresh: _handshake(endpoint, RelayClientFactory(reactor, user=user, token=fresh, echo=echo))
+    )

@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.client.endpoints import build_endpoint
+from relay.client.endpoints import TokenProvider, build_endpoint, fetch_token
 from relay.client.protocol import (
     Message,
     MessageHub,
@@ -72,6 +72,12 @@ def _refuses_a_certificate(problem: SSL.Error) -> bool:
     return any(reason in text for text in texts for reason in _CERTIFICATE_REASONS)
 
 
+def _is_unauthorized(reason: Failure | None) -> bool:
+    return reason is not None and reason.check(RelayError) is not None and (
+        reason.value.code is ErrorCode.UNAUTHORIZED
+    )
+
+
 class _Session(Protocol):
     """What ClientService holds for one established, ready connection."""
 
@@ -106,7 +112,7 @@ class _ReadyEndpoint:
                 attempt[0].transport.abortConnection()
             return owner._attempt_failed(failure)
 
-        ready = owner.endpoint.connect(owner.factory).addCallback(made)
+        ready = owner._prepared_factory().addCallback(owner.endpoint.connect).addCallback(made)
         ready.addCallback(owner._rejoin)
         ready.addCallback(self._present, service_factory)
         ready.addErrback(failed)
@@ -133,6 +139,12 @@ class ReconnectingClient:
     in flight when the connection drops fails with ``ConnectionLost``.
     A failure that reconnecting cannot cure (see ``is_terminal``) stops it.
 
+    ``token_provider`` (instead of ``token``) is a callable returning a token
+    or a Deferred of one; it is called before every connection attempt, so
+    a reconnection never reuses an expired token.  With it, a connection
+    the server ends with UNAUTHORIZED (its token expired) is reconnected with
+    a fresh token; a fresh token refused with UNAUTHORIZED stops the client.
+
     Hooks (plain attributes, all optional):
 
     - ``on_connected(client)``: a connection is ready and its rooms re-joined;
@@ -146,7 +158,10 @@ class ReconnectingClient:
     def __init__(self, reactor: Any, description: str, *, user: str | None = None,
                  token: str | None = None, echo: bool = False, ca_file: str | None = None,
                  client_cert: str | None = None, acks: bool = False,
-                 retry_policy: Callable[[int], float] | None = None) -> None:
+                 retry_policy: Callable[[int], float] | None = None,
+                 token_provider: TokenProvider | None = None) -> None:
+        if token is not None and token_provider is not None:
+            raise ValueError("give a token or a token provider, not both")
         self.reactor = reactor
         self.description = description
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
@@ -163,6 +178,10 @@ class ReconnectingClient:
             initialDelay=RETRY_INITIAL_DELAY_SECONDS, maxDelay=RETRY_MAX_DELAY_SECONDS
         )
         self._last_failure: Failure | None = None
+        self._token_provider = token_provider
+        # The last connection ended with UNAUTHORIZED and the provider will
+        # give a fresh token: a retry, not a terminal failure.
+        self._renewing = False
         self._hub = MessageHub()
         # Requests wait here, not in ClientService, so that they can be made
         # from any callback, even one run while ClientService changes state.
@@ -268,6 +287,17 @@ class ReconnectingClient:
 
     # Connection life cycle, driven by _ReadyEndpoint and ClientService
 
+    def _prepared_factory(self) -> defer.Deferred[RelayClientFactory]:
+        """The factory for the next attempt, holding a fresh token if there is a provider."""
+        if self._token_provider is None:
+            return defer.succeed(self.factory)
+
+        def fresh(token: str) -> RelayClientFactory:
+            self.factory.options["token"] = token
+            return self.factory
+
+        return fetch_token(self._token_provider).addCallback(fresh)
+
     def _rejoin(self, client: RelayClientProtocol) -> defer.Deferred[RelayClientProtocol]:
         client.on_message = self._deliver
         client.on_error = lambda relay_error: self.on_error(relay_error)
@@ -296,11 +326,15 @@ class ReconnectingClient:
             self.client = None
         reason = client.close_reason
         self._last_failure = reason
+        # An established connection ended by UNAUTHORIZED: its token expired.
+        self._renewing = self._token_provider is not None and _is_unauthorized(reason)
         self._run_hook(self.on_disconnected, reason)
-        self._check_terminal(reason)
+        if not self._renewing:
+            self._check_terminal(reason)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         self._last_failure = failure
+        self._renewing = False
         self._check_terminal(failure)
         return failure
 
@@ -319,7 +353,8 @@ class ReconnectingClient:
 
     def _retry_delay(self, attempt: int) -> float:
         delay = self._policy(attempt)
-        if self.on_reconnecting is not None and not is_terminal(self._last_failure):
+        retrying = self._renewing or not is_terminal(self._last_failure)
+        if self.on_reconnecting is not None and retrying:
             # Not from inside ClientService's transition: the hook may stop us.
             self.reactor.callLater(0, self._run_hook, self.on_reconnecting, attempt, delay,
                                    self._last_failure)

@@ -27,6 +27,7 @@ from relay.server.backplane import (
     IClusterNode,
     RedisAddress,
 )
+from relay.server.auth import Authenticator
 from relay.server.fanout import Batch
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -58,6 +59,9 @@ class RelayConfig:
     cluster_name: str = DEFAULT_CLUSTER_NAME
     redis_queue: int = DEFAULT_REDIS_QUEUE
     membership_ttl: int = DEFAULT_MEMBERSHIP_TTL
+    # Authentication (relay.server.auth): how long a client has for its
+    # first HELLO, with its token when authentication is required.
+    hello_timeout: float = 10.0
 
     @property
     def heartbeat_interval(self) -> int:
@@ -113,7 +117,11 @@ class RelayFactory(ServerFactory):
     """Builds a ``RelayProtocol`` per connection and holds what they share."""
 
     def __init__(
-        self, config: RelayConfig | None = None, reactor: Any = None, backplane: IBackplane | None = None
+        self,
+        config: RelayConfig | None = None,
+        reactor: Any = None,
+        backplane: IBackplane | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -126,6 +134,8 @@ class RelayFactory(ServerFactory):
         self.stats = Stats(started=reactor.seconds())
         # What the current read produced, written out by flush().
         self.batch = Batch()
+        # Who connections are and where they may go; None: no authentication.
+        self.auth = auth
         self._closed_waiters: list[defer.Deferred[None]] = []
         # True from the start of shutdown: /healthz then answers 503.
         self.shutting_down = False

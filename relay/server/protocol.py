@@ -32,6 +32,7 @@ from zope.interface import Interface, implementer
 
 from relay import __version__
 from relay.requests import (
+    Hello,
     RequestError,
     normalize_room_name,
     parse_binary_publish,
@@ -39,6 +40,7 @@ from relay.requests import (
     parse_publish,
     parse_room_request,
 )
+from relay.server.auth import Grant, Unauthorized
 from relay.server.fanout import Fanout
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
@@ -149,6 +151,17 @@ class RelayProtocol(Protocol, TimeoutMixin):
             MessageType.HEARTBEAT: self._on_heartbeat,
             MessageType.ERROR: self._on_client_error,
         }
+        # Authentication (relay.server.auth): until a HELLO proves who the
+        # client is, it may only say HELLO and heartbeat.
+        self._auth = factory.auth
+        self.grant: Grant | None = None
+        # The rooms it may publish to: its rooms, unless a grant says
+        # otherwise; then a set of its own, decided at each join.
+        self._publishable = self.rooms
+        self._auth_timer: Any = None
+        if self._auth is not None:
+            self._granted_handlers = self._handlers
+            self._handlers = self._unauthenticated_handlers()
 
     def __repr__(self) -> str:
         return f"<RelayProtocol {self.connection_id} {self.state.value}>"
@@ -204,6 +217,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.transport.setTcpKeepAlive(True)
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
+        if self._auth is not None and self.factory.config.hello_timeout:
+            self._auth_timer = self.callLater(self.factory.config.hello_timeout, self._hello_missed)
         log.info(
             "{conn} connected from {peer}",
             conn=self.connection_id,
@@ -223,6 +238,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return
         self._transition(State.CLOSED)
         self.setTimeout(None)
+        self._end_auth()
         if self._close_call is not None and self._close_call.active():
             self._close_call.cancel()
         self._take_outbox()
@@ -334,6 +350,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             raise RequestError(
                 ErrorCode.BAD_REQUEST, "HELLO is accepted once, as the first request", request_id
             )
+        grant = self._authenticate(hello) if self._auth is not None else None
         if hello.user_id is not None and self.certified_user_id not in (None, hello.user_id):
             raise RequestError(
                 ErrorCode.BAD_REQUEST,
@@ -343,6 +360,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._said_hello = True
         if hello.user_id is not None:
             self.user_id = hello.user_id
+        if grant is not None:
+            self._admit(grant)
         self.echo = hello.echo
         enabled = negotiate_features(hello.features)
         self.acks = ACKS in enabled
@@ -367,6 +386,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         request_id, room = parse_room_request(frame)
         new = room not in self.rooms
         if new:
+            if self.grant is not None and not self.grant.may_join(room):
+                raise RequestError(
+                    ErrorCode.FORBIDDEN, f"room {room!r} is not granted to this connection", request_id
+                )
             limit = self.factory.config.max_rooms
             if len(self.rooms) >= limit:
                 raise RequestError(
@@ -375,6 +398,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     request_id,
                 )
             self.rooms.add(room)
+            if self.grant is not None and self.grant.may_publish(room):
+                self._publishable.add(room)  # decided once, so publishing checks nothing more
             log.info("{conn} ({user}) joined {room}", conn=self.connection_id, user=self.user_id, room=room)
         counted = self.factory.registry.count_members(room, new)
         if isinstance(counted, Deferred):  # a cluster counts in Redis: ack later, in order
@@ -417,6 +442,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         request_id, room = parse_room_request(frame)
         if room in self.rooms:
             self.rooms.discard(room)
+            self._publishable.discard(room)
             self.factory.registry.leave(self, room)
             log.info("{conn} ({user}) left {room}", conn=self.connection_id, user=self.user_id, room=room)
         self._reply(MessageType.LEAVE_ROOM, {"status": "left", "room": room}, request_id)
@@ -460,13 +486,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _member_room(self, name: str, request_id: Any) -> Room:
         """The room this connection may publish to, by the name it gave."""
-        if name not in self.rooms:  # most names are sent as joined: skip normalising
+        # Most names are sent as joined (and, with auth, granted): skip normalising.
+        if name not in self._publishable:  # the same set as self.rooms without auth
             normalized = normalize_room_name(name)
             if normalized is None:
                 raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {name!r}", request_id)
             if normalized not in self.rooms:
                 raise RequestError(
                     ErrorCode.NOT_IN_ROOM, f"not a member of room {normalized!r}", request_id
+                )
+            if normalized not in self._publishable:
+                raise RequestError(
+                    ErrorCode.FORBIDDEN, f"publishing to room {normalized!r} is not granted", request_id
                 )
             name = normalized
         return self.factory.registry.get(name)
@@ -501,6 +532,66 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if request_id is not None:
             body["id"] = request_id
         self.enqueue(encode_json(type_, body))
+
+    # Authentication (relay.server.auth)
+
+    def _unauthenticated_handlers(self) -> dict[int, Callable[[Frame], None]]:
+        """Before a grant: HELLO and HEARTBEAT; any other frame is fatal."""
+        handlers = dict.fromkeys(self._handlers, self._refuse_unauthenticated)
+        handlers[MessageType.HELLO] = self._on_hello
+        handlers[MessageType.HEARTBEAT] = self._on_heartbeat
+        return handlers
+
+    def _refuse_unauthenticated(self, frame: Frame) -> None:
+        refusal = Unauthorized(f"{_type_name(frame.type)} before an accepted HELLO")
+        raise self._auth.refused(refusal, self.connection_id)
+
+    def _authenticate(self, hello: Hello) -> Grant:
+        """The grant of a HELLO's token; raises Unauthorized (fatal)."""
+        grant = self._auth.authenticate(
+            hello.token, self._reactor.seconds(), self.connection_id, self.certified_user_id
+        )
+        identity = grant.user_id or self.user_id
+        if hello.user_id not in (None, identity):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST,
+                f'"userId" must be {identity!r}, the identity the token gives, or be left out',
+                hello.request_id,
+            )
+        return grant
+
+    def _admit(self, grant: Grant) -> None:
+        """Take the grant: its user id, the full request set, its expiry timer."""
+        self.grant = grant
+        if grant.user_id is not None:
+            self.user_id = grant.user_id
+        self._handlers = self._granted_handlers
+        self._publishable = set()
+        self._cancel_auth_timer()
+        if grant.expires_at is not None:
+            delay = max(0.0, grant.expires_at - self._reactor.seconds())
+            self._auth_timer = self.callLater(delay, self._token_expired)
+
+    def _hello_missed(self) -> None:
+        self._auth_timer = None
+        wanted = "HELLO" if self._auth.anonymous is not None else "HELLO with a token"
+        timeout = self.factory.config.hello_timeout
+        refusal = Unauthorized(f"no {wanted} within {timeout:g} seconds")
+        self._auth.refused(refusal, self.connection_id)
+        self.fail(refusal.code, refusal.message)
+
+    def _token_expired(self) -> None:
+        self._auth_timer = None
+        self.fail(ErrorCode.UNAUTHORIZED, "token expired")
+
+    def _cancel_auth_timer(self) -> None:
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+
+    def _end_auth(self) -> None:
+        self._cancel_auth_timer()
+        self._granted_handlers = None  # no bound methods left to hold the connection
 
     # Outbound
 

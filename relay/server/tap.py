@@ -15,7 +15,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from relay.rlimits import raise_open_file_limit
-from relay.server import backplane, logs, metrics, tls, workers
+from relay.server import auth, backplane, logs, metrics, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.signals import StopSignals
 
@@ -54,7 +54,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["debug", None, "Log every frame and state transition (also RELAY_DEBUG=1)."],
-    ]
+    ] + auth.FLAGS
     optParameters = [
         ["max-frame-size", None, RelayConfig.max_frame_size, "Largest frame length accepted, in bytes.", _positive_int],
         ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed; 0 never closes a silent client (TCP keepalive still finds dead peers).", _non_negative_int],
@@ -63,7 +63,7 @@ class Options(usage.Options):
         ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS
+    ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS + auth.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,6 +106,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--metrics cannot be combined with --workers: every worker would bind its port"
             )
+        # Key files are read now, so a bad one stops startup with a usage error.
+        self["authenticator"] = auth.from_options(self)
 
     def config(self) -> RelayConfig:
         return RelayConfig(
@@ -121,6 +123,7 @@ class Options(usage.Options):
             cluster_name=self["cluster-name"],
             redis_queue=self["redis-queue"],
             membership_ttl=self["membership-ttl"],
+            hello_timeout=self["hello-timeout"],
         )
 
 
@@ -263,8 +266,10 @@ def makeService(options: Options, reactor: Any = None) -> service.Service:
         cluster = RedisBackplane(
             config.redis, config.cluster_name, config.redis_queue, config.membership_ttl, reactor=reactor
         )
-    factory = RelayFactory(config, reactor=reactor, backplane=cluster)
+    factory = RelayFactory(config, reactor=reactor, backplane=cluster, auth=options["authenticator"])
     relay = RelayService(factory)
+    if factory.auth is not None:
+        auth.ReloadOnHangup(factory.auth, reactor).setServiceParent(relay)
     _observability(options, relay)
     client_ca = options["tls-client-ca"]
     for description in options["ports"]:

@@ -110,6 +110,8 @@ class BenchConfig:
     progress: bool = True
     # The server's --metrics URL (ending in /metrics): its own counts of the run.
     metrics_url: str | None = None
+    # Sent in every HELLO (which then names no user: the token does); never reported.
+    token: str | None = field(default=None, repr=False)
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -190,8 +192,11 @@ class BenchConnection(Protocol):
     """HELLO, JOIN_ROOM, then whatever the subclass does with deliveries.
 
     ``ready`` fires once the join is acknowledged; ``count`` is the number of
-    deliveries received since.
+    deliveries received since.  With a ``token`` the HELLO carries it and
+    leaves the user id to it.
     """
+
+    token: str | None = None
 
     def __init__(self, name: str, room: str, on_lost: Callable[[BenchConnection], None]) -> None:
         self.name = name
@@ -208,8 +213,13 @@ class BenchConnection(Protocol):
         if hasattr(self.transport, "bufferSize"):
             # Fewer, larger reads: counting must cost far less than serving.
             self.transport.bufferSize = READ_SIZE
+        hello: dict[str, Any] = {"clientVersion": "relay-bench"}
+        if self.token is None:
+            hello["userId"] = self.name
+        else:
+            hello["token"] = self.token
         self.transport.write(
-            encode_json(MessageType.HELLO, {"userId": self.name, "clientVersion": "relay-bench"})
+            encode_json(MessageType.HELLO, hello)
             + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
         )
 
@@ -605,6 +615,8 @@ class Bench:
             )
             room.publishers.append(publisher)
             connections.append(publisher)
+        for connection in connections:
+            connection.token = config.token
         return connections
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
@@ -774,8 +786,10 @@ class Bench:
         latencies = sorted(l for r in self.rooms if r.tracker for l in r.tracker.latencies)
         expected = sum(r.expected() for r in self.rooms)
         received = sum(r.received() for r in self.rooms)
+        settings = asdict(config)
+        settings["token"] = "(given)" if config.token is not None else None
         report: dict[str, Any] = {
-            "config": asdict(config),
+            "config": settings,
             "seconds": round(elapsed, 3),
             "published_per_second": round((end.published - start.published) / elapsed),
             "delivered_per_second": round(delivered),
@@ -905,9 +919,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--publisher-endpoint", default=None, help="Connect the publishers here instead of --endpoint (another node of a cluster).")
     add("--json", action="store_true", help="Print the report as one JSON object.")
     add("--quiet", action="store_true", help="No live progress line on stderr.")
+    credentials = parser.add_mutually_exclusive_group()
+    credentials.add_argument("--token", help="Token every connection sends in HELLO (for a server that requires one).")
+    credentials.add_argument("--token-file", help="Read the --token from this file.")
     args = parser.parse_args(argv)
     if args.metrics_url is not None and not args.metrics_url.startswith(("http://", "https://")):
         parser.error(f"argument --metrics-url: not an http:// or https:// URL: {args.metrics_url!r}")
+    token = args.token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except OSError as problem:
+            parser.error(f"--token-file: {problem.strerror}: {args.token_file}")
     config = BenchConfig(
         endpoint=args.endpoint,
         subscribers=args.subscribers,
@@ -924,6 +948,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         publisher_endpoint=args.publisher_endpoint,
         progress=not args.quiet,
         metrics_url=args.metrics_url,
+        token=token,
     )
     return config, args.json
 
