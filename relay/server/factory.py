@@ -16,6 +16,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from relay.server.fanout import Batch
+from relay.server.limits import ServerLimits
 from relay.server.protocol import RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
@@ -40,6 +41,16 @@ class RelayConfig:
     # glibc's 128 KiB mmap threshold, so each read still comes off the heap.
     read_size: int = 124 * 1024
     debug: bool = False
+    # Limits and abuse resistance (relay.server.limits, docs/security.md).
+    hello_timeout: float = 10.0
+    rate_limit: float | None = None
+    rate_burst: int | None = None
+    byte_rate: int | None = None
+    join_rate: float | None = 20.0
+    rate_strikes: int = 50
+    max_connections_per_ip: int | None = None
+    max_pending_total: int = 1024**3
+    send_buffer: int = 256 * 1024
 
     @property
     def heartbeat_interval(self) -> int:
@@ -74,6 +85,7 @@ class RelayFactory(ServerFactory):
         self.stats = Stats(started=reactor.seconds())
         # What the current read produced, written out by flush().
         self.batch = Batch()
+        self.limits = ServerLimits(self.config, reactor.seconds)
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:

@@ -20,6 +20,7 @@ client is cut off as a slow consumer.
 from __future__ import annotations
 
 import enum
+import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
@@ -32,6 +33,7 @@ from zope.interface import Interface, implementer
 from relay import __version__
 from relay.requests import (
     RequestError,
+    json_body,
     normalize_room_name,
     parse_binary_publish,
     parse_hello,
@@ -39,6 +41,7 @@ from relay.requests import (
     parse_room_request,
 )
 from relay.server.fanout import Fanout
+from relay.server.limits import clip, rate_limited_error
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
 from relay.wire import (
@@ -125,6 +128,15 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._requests_seen = False
         self._close_call = None
         self._keeps_message_boundaries = False
+        # Limits (relay.server.limits): rate buckets, strikes, logged limits;
+        # the hello deadline holds until the first complete frame.
+        self._limits = factory.limits.connection_limits()
+        self._hello_pending = True
+        # What a socket transport may hold of ours when it pauses us: its
+        # buffer size (0 for transports that pause on their own terms), and
+        # the last write, which may take it past that.
+        self._transport_buffer = 0
+        self._transport_share = 0
         self._handlers: dict[int, Callable[[Frame], None]] = {
             MessageType.HELLO: self._on_hello,
             MessageType.JOIN_ROOM: self._on_join,
@@ -133,6 +145,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
             MessageType.HEARTBEAT: self._on_heartbeat,
             MessageType.ERROR: self._on_client_error,
         }
+        if self._limits.limits_publishes:
+            self._handlers[MessageType.MESSAGE] = self._on_limited_message
 
     def __repr__(self) -> str:
         return f"<RelayProtocol {self.connection_id} {self.state.value}>"
@@ -178,9 +192,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._transition(State.OPEN)
+        refusal = self.factory.limits.admit(self, self.transport.getPeer())
+        if refusal is not None:
+            self.fail(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            return
         if hasattr(self.transport, "bufferSize"):  # socket transports, not wrappers
-            # Bigger reads batch more frames into each flush.
-            self.transport.bufferSize = self.factory.config.read_size
+            # Bigger reads batch more frames into each flush.  The write
+            # buffer counts toward max-pending, so it stays well under it.
+            config = self.factory.config
+            self.transport.bufferSize = self._transport_buffer = min(
+                config.read_size, config.max_pending // 4
+            )
+        cap_send_buffer(self.transport, self.factory.config.send_buffer)
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
         self.transport.registerProducer(self, True)
@@ -196,7 +219,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 f"the server is at its limit of {self.factory.config.max_connections} connections",
             )
             return
-        self.setTimeout(self.factory.config.idle_timeout)
+        self.setTimeout(self.factory.config.hello_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.state is State.CLOSED:
@@ -209,12 +232,19 @@ class RelayProtocol(Protocol, TimeoutMixin):
         for room in self.rooms:
             self.factory.registry.leave(self, room)
         self.rooms.clear()
+        self.factory.limits.release(self)
         self.factory.connection_closed(self)
         log.info(
-            "{conn} disconnected: {why}",
+            "{conn} disconnected: {why}{suppressed}",
             conn=self.connection_id,
             why=reason.getErrorMessage(),
+            suppressed=_suppressed_note(self._limits.suppressed),
         )
+        # Break the cycles through bound methods and buffers, so reference
+        # counting frees the connection without the cyclic collector.
+        self._handlers.clear()
+        self._decoder = None
+        self._close_call = None
 
     def handshakeCompleted(self) -> None:
         """A TLS transport finished its handshake: a client certificate
@@ -225,13 +255,46 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.user_id = self.certified_user_id = user_id
 
     def timeoutConnection(self) -> None:
+        if self._hello_pending:
+            self.fail(*self.hello_timeout_error())
+            return
         self.fail(
             ErrorCode.HEARTBEAT_TIMEOUT,
             f"no frame received for {self.factory.config.idle_timeout} seconds",
         )
 
-    def fail(self, code: ErrorCode, message: str) -> None:
-        """End the connection with a fatal ERROR, written after what is queued."""
+    def hello_timeout_error(self) -> tuple[ErrorCode, str]:
+        """The fatal ERROR for a connection that missed its hello deadline.
+
+        Authentication, when configured, answers UNAUTHORIZED instead.
+        """
+        return (
+            ErrorCode.HEARTBEAT_TIMEOUT,
+            f"no complete frame received within {self.factory.config.hello_timeout} seconds",
+        )
+
+    def hello_deadline_met(self) -> bool:
+        """Whether the frames received so far meet the hello deadline.
+
+        Any complete frame does; authentication, when configured, waits for
+        the HELLO instead.
+        """
+        return True
+
+    def _frames_completed(self) -> None:
+        """A read completed frames: the idle timer counts complete frames only."""
+        if not self._hello_pending:
+            self.resetTimeout()
+        elif self.hello_deadline_met():
+            self._hello_pending = False
+            self.setTimeout(self.factory.config.idle_timeout or None)
+
+    def fail(self, code: ErrorCode, message: str, error: bytes | None = None) -> None:
+        """End the connection with a fatal ERROR, written after what is queued.
+
+        ``error`` is the ERROR frame to send, when it carries more than
+        ``code`` and ``message``.
+        """
         if not self.accepting:
             return
         log.info(
@@ -239,9 +302,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
         )
         # Written now, so no Fanout in it is held past this point.
         frames = self._take_outbox()
+        self.factory.limits.outbound.release(self)
         self._transition(State.CLOSING)
         self.setTimeout(None)
-        error = encode_error(code, message)
+        if error is None:
+            error = encode_error(code, message)
         if code is ErrorCode.SLOW_CONSUMER:
             # It cannot be flushed to: best effort, then drop it at once.
             self._trace_out(error)
@@ -258,9 +323,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if not self.accepting:
             return  # nothing is parsed after a violation
-        self.resetTimeout()
         stats = self.factory.stats
         stats.bytes_in += len(data)
+        seen = stats.frames_in
         try:
             for frame in self._decoder.feed(data):
                 stats.frames_in += 1
@@ -273,18 +338,24 @@ class RelayProtocol(Protocol, TimeoutMixin):
         except ProtocolError as error:
             self.fail(error.code, error.message)
         finally:
+            if stats.frames_in != seen:
+                self._frames_completed()
             self.factory.flush()
 
     def _dispatch(self, frame: Frame) -> None:
         try:
             self._handlers[frame.type](frame)
         except RequestError as refusal:
-            log.info(
-                "{conn} refused a request: {code} {message}",
-                conn=self.connection_id,
-                code=refusal.code.value,
-                message=refusal.message,
-            )
+            code = refusal.code.value
+            self.factory.limits.counters[f"refused_{code}"] += 1
+            # Once per connection and code: a refusal costs little, its log line a lot.
+            if self._limits.first_time(code):
+                log.info(
+                    "{conn} refused a request: {code} {message} (further ones are counted, not logged)",
+                    conn=self.connection_id,
+                    code=code,
+                    message=refusal.message,
+                )
             self.enqueue(encode_error(refusal.code, refusal.message, refusal.request_id))
 
     def _on_hello(self, frame: Frame) -> None:
@@ -330,6 +401,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     f"a connection may be in at most {limit} rooms",
                     request_id,
                 )
+            # Only a join that adds a membership costs a token: rejoining is an ack.
+            joins = self._limits.joins
+            if joins is not None:
+                wait = joins.take(self._reactor.seconds())
+                if wait:
+                    self._rate_limited("join", wait, request_id)
+                    return
             self.rooms.add(room)
             log.info("{conn} ({user}) joined {room}", conn=self.connection_id, user=self.user_id, room=room)
         members = len(self.factory.registry.join(self, room))
@@ -345,6 +423,32 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.factory.registry.leave(self, room)
             log.info("{conn} ({user}) left {room}", conn=self.connection_id, user=self.user_id, room=room)
         self._reply(MessageType.LEAVE_ROOM, {"status": "left", "room": room}, request_id)
+
+    def _on_limited_message(self, frame: Frame) -> None:
+        """A MESSAGE under --rate-limit or --byte-rate: dropped past the buckets."""
+        wait = self._limits.publish_wait(self._reactor.seconds(), len(frame.payload))
+        if wait:
+            self._requests_seen = True
+            self._rate_limited("publish", wait, None if frame.flags & _BINARY else _request_id_of(frame))
+            return
+        self._on_message(frame)
+
+    def _rate_limited(self, what: str, wait: float, request_id: Any) -> None:
+        """Refuse a request past its rate; enough strikes close the connection."""
+        limits = self.factory.limits
+        limits.counters[f"rate_limited_{what}"] += 1
+        if self._limits.strikes.add(self._reactor.seconds()):
+            limits.counters["rate_strikes"] += 1
+            message = f"more than {self.factory.config.rate_strikes} rate-limited requests within 10 seconds"
+            self.fail(ErrorCode.RATE_LIMITED, message, rate_limited_error(message, wait, request_id, True))
+            return
+        if self._limits.first_time(f"rate:{what}"):
+            log.info(
+                "{conn} rate-limited ({what}); further ones are counted, not logged",
+                conn=self.connection_id,
+                what=what,
+            )
+        self.enqueue(rate_limited_error(f"{what} rate exceeded; the request was dropped", wait, request_id))
 
     def _on_message(self, frame: Frame) -> None:
         self._requests_seen = True
@@ -384,10 +488,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if name not in self.rooms:  # most names are sent as joined: skip normalising
             normalized = normalize_room_name(name)
             if normalized is None:
-                raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {name!r}", request_id)
+                raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {clip(name)}", request_id)
             if normalized not in self.rooms:
                 raise RequestError(
-                    ErrorCode.NOT_IN_ROOM, f"not a member of room {normalized!r}", request_id
+                    ErrorCode.NOT_IN_ROOM, f"not a member of room {clip(normalized)}", request_id
                 )
             name = normalized
         return self.factory.registry.get(name)
@@ -447,6 +551,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     ErrorCode.SLOW_CONSUMER,
                     f"more than {self._max_pending} bytes waiting to be sent",
                 )
+                return
+            outbound = self.factory.limits.outbound
+            outbound.grow(self, len(frame))
+            if outbound.total > outbound.limit:
+                self.factory.limits.over_budget()
 
     def enqueue_shared(self, fanout: Fanout) -> bool:
         """Queue a room's shared ``fanout`` as one outbox entry, in order.
@@ -485,7 +594,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if self._keeps_message_boundaries:
             frames = _frames_of(entries)
             stats.frames_out += len(frames)
-            stats.bytes_out += sum(map(len, frames))
+            size = sum(map(len, frames))
+            stats.bytes_out += size
+            self._transport_share = size
             self.transport.writeSequence(frames)
             return
         if len(entries) == 1:
@@ -507,6 +618,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     parts.append(entry)
             data = b"".join(parts)
         stats.bytes_out += len(data)
+        # Until it is written out, this is what the transport holds of ours.
+        self._transport_share = len(data)
         self.transport.write(data)
 
     # IPushProducer: the transport tells us when its buffer is full.
@@ -514,12 +627,20 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def pauseProducing(self) -> None:
         if self.state is State.OPEN:
             self._transition(State.DRAINING)
-            self._pending_bytes = _outbox_bytes(self._outbox)
+            # The transport pauses us once its buffer passes its size, so it
+            # holds at most that plus the write that made it pause: count
+            # that toward max-pending too, so a paused connection's whole
+            # share of memory is bounded, not only its outbox.
+            self._pending_bytes = (
+                _outbox_bytes(self._outbox) + self._transport_buffer + self._transport_share
+            )
+            self.factory.limits.outbound.hold(self, self._pending_bytes)
 
     def resumeProducing(self) -> None:
         if self.state is State.DRAINING:
             self._transition(State.OPEN)
             self._pending_bytes = 0
+            self.factory.limits.outbound.release(self)
             self.flush()
 
     def stopProducing(self) -> None:
@@ -555,6 +676,40 @@ def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
 
 def _outbox_bytes(entries: list[bytes | Fanout]) -> int:
     return sum(entry.size if type(entry) is Fanout else len(entry) for entry in entries)
+
+
+def _request_id_of(frame: Frame) -> Any:
+    """The ``id`` of a JSON request refused before it was parsed, if it has a valid one."""
+    try:
+        return json_body(frame)[1]
+    except (RequestError, ProtocolError):
+        return None
+
+
+def _suppressed_note(count: int) -> str:
+    return f" ({count} more limit hits and refusals not logged)" if count else ""
+
+
+def cap_send_buffer(transport: Any, size: int) -> None:
+    """Cap the kernel send buffer of a socket transport at ``size`` bytes.
+
+    What the kernel holds for a client that does not read is memory too;
+    left to autotuning it grows to megabytes.  0 leaves it alone.
+    """
+    if not size:
+        return
+    sock = None
+    # TLS wraps the socket's transport: its own handle is the TLS connection.
+    for layer in (transport, getattr(transport, "transport", None)):
+        handle = getattr(layer, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket):
+            break
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError as error:
+            log.warn("Could not cap the socket send buffer: {error}", error=error)
 
 
 def _type_name(type_: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from twisted.application import service, strports
@@ -12,13 +13,36 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from relay.rlimits import raise_open_file_limit
-from relay.server import tls
+from relay.rlimits import open_file_limit, raise_open_file_limit
+from relay.server import limits, tls
 from relay.server.factory import RelayConfig, RelayFactory
 
 log = Logger()
 
 DEFAULT_PORT = "tcp:4000"
+# Twisted's default of 50 stalls a reconnect storm: past it the kernel drops
+# SYNs and each client waits a full second to retry.
+DEFAULT_BACKLOG = 1024
+# Endpoint types whose strports descriptions take ``backlog=``.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", tls.TLS_PREFIX, "unix"})
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """``description`` with ``backlog=`` added, unless it gives one already.
+
+    Every listener the server opens goes through this (``RelayService.listen``).
+    Descriptions of endpoint types that take no backlog are returned as they are.
+    """
+    fields = _UNESCAPED_COLON.split(description)
+    kind = fields[0].lower()
+    if kind.isdigit():  # an old-style bare port number is TCP
+        kind = "tcp"
+    if kind not in _BACKLOG_TYPES or len(fields) < 2:
+        return description
+    if any(field.lower().startswith("backlog=") for field in fields[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _positive_int(value: str) -> int:
@@ -47,10 +71,10 @@ class Options(usage.Options):
         ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed.", _positive_int],
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
-        ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
+        ["max-connections", None, None, "Concurrent client connections accepted [default: the open-file limit less headroom, at most 50000].", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ]
+    ] + limits.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,9 +113,10 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             max_pending=self["max-pending"],
             max_rooms=self["max-rooms"],
-            max_connections=self["max-connections"],
+            max_connections=self["max-connections"] or limits.default_max_connections(open_file_limit()),
             read_size=self["read-size"],
             debug=bool(self["debug"]),
+            **limits.config_fields(self),
         )
 
 
@@ -125,14 +150,28 @@ class RelayService(service.MultiService):
 
         A port that cannot be bound makes startService raise.
         """
-        listener = strports.service(description, factory, reactor=self.factory.reactor)
+        listener = strports.service(with_backlog(description), factory, reactor=self.factory.reactor)
         listener.endpoint = _RecordingEndpoint(listener.endpoint, self.listening_ports)
         listener.setServiceParent(self)
 
     def startService(self) -> None:
-        raise_open_file_limit()
+        open_files = raise_open_file_limit()
+        config = self.factory.config
+        if open_files is not None and config.max_connections > open_files - limits.FILE_HEADROOM:
+            log.warn(
+                "--max-connections {connections} is above the open-file limit {limit} less "
+                "{headroom} in reserve: connections past it are reset, not refused",
+                connections=config.max_connections,
+                limit=open_files,
+                headroom=limits.FILE_HEADROOM,
+            )
+        log.info(
+            "Open file limit {limit}; max connections {connections}",
+            limit=open_files,
+            connections=config.max_connections,
+        )
         super().startService()
-        log.info("Relay started with {config}", config=self.factory.config)
+        log.info("Relay started with {config}", config=config)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
