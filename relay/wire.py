@@ -180,9 +180,7 @@ class Decoder:
     def allow_compressed(self, allow: bool) -> None:
         self._allow_compressed = allow
         # Every acceptable flags byte, so the common case is one set lookup.
-        self._valid_flags = frozenset(
-            flags for flags in range(256) if _flags_problem(flags, allow) is None
-        )
+        self._valid_flags = _VALID_FLAGS[bool(allow)]
 
     @property
     def buffered(self) -> int:
@@ -306,6 +304,13 @@ def _flags_problem(flags: int, allow_compressed: bool) -> str | None:
     if flags & Flags.COMPRESSED and not allow_compressed:
         return "compression was not negotiated"
     return None
+
+
+# Made once: building it costs about 100 us, once per connection otherwise.
+_VALID_FLAGS = {
+    allow: frozenset(flags for flags in range(256) if _flags_problem(flags, allow) is None)
+    for allow in (False, True)
+}
 
 
 # JSON: orjson parses and decides what is valid (strict RFC 8259: no NaN or
