@@ -185,6 +185,9 @@ def address_group(peer: Any) -> str | None:
 
 # Rate limiting
 
+# Below a microsecond, a wait is the rounding of a float clock, not a wait.
+_CLOCK_SLACK = 1e-6
+
 
 class TokenBucket:
     """A token bucket of ``burst`` tokens refilled at ``rate`` per second.
@@ -210,7 +213,7 @@ class TokenBucket:
         if tat < now:
             tat = now
         wait = tat - now - self.tolerance
-        if wait > 0.0:
+        if wait > _CLOCK_SLACK:
             return wait
         self.tat = tat + cost * self.interval
         return 0.0
