@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Any
 
 from twisted.application import service, strports
@@ -20,9 +21,24 @@ from relay.server.factory import RelayConfig, RelayFactory
 log = Logger()
 
 DEFAULT_PORT = "tcp:4000"
-# Twisted's default of 50 stalls a reconnect storm: past it the kernel drops
-# SYNs and each client waits a full second to retry.
-DEFAULT_BACKLOG = 1024
+
+
+def default_backlog() -> int:
+    """1024, or the kernel's cap on listen backlogs (somaxconn) if that is higher.
+
+    Twisted's default of 50 stalls a reconnect storm: past it the kernel drops
+    SYNs and each client waits a full second to retry.  Even 1024 overflows
+    when 2,000 clients connect at once faster than one process accepts them.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn") as somaxconn:
+            ceiling = int(somaxconn.read())
+    except (OSError, ValueError):
+        ceiling = socket.SOMAXCONN
+    return max(1024, ceiling)
+
+
+DEFAULT_BACKLOG = default_backlog()
 # Endpoint types whose strports descriptions take ``backlog=``.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", tls.TLS_PREFIX, "unix"})
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
