@@ -385,8 +385,16 @@ class ChaosRun:
         if not options.quiet:
             print(file=sys.stderr)
         await self.check()
+        await self.close()
         self.report()
         return 0 if all(ok for ok, _ in self.invariants.values()) else 1
+
+    async def close(self) -> None:
+        """Leave the server as we found it: close every connection still open."""
+        connections = [c for c in self.stable_connections() if c.connected]
+        for connection in connections:
+            connection.transport.loseConnection()
+        await defer.DeferredList([c.closed for c in connections], consumeErrors=True)
 
     async def start_stable(self) -> None:
         options = self.options
@@ -535,6 +543,7 @@ class ChaosRun:
             if members != expected:
                 problems.append(f"{room}: {members} members, expected {expected}")
         checker.transport.loseConnection()
+        await checker.closed
         self.invariants["fresh JOIN gives exact member counts"] = (not problems, "; ".join(problems))
 
     async def check_metrics(self) -> None:
