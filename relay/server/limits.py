@@ -250,9 +250,9 @@ def rate_limited_error(message: str, wait: float, request_id: Any = None, fatal:
 
 
 class ConnectionLimits:
-    """One connection's rate buckets, strikes and already-logged limits."""
+    """One connection's rate buckets, strikes, already-logged limits and hello deadline."""
 
-    __slots__ = ("publishes", "bytes", "joins", "strikes", "_logged", "suppressed")
+    __slots__ = ("publishes", "bytes", "joins", "strikes", "_logged", "suppressed", "hello_pending")
 
     def __init__(self, config: Any, now: float) -> None:
         self.publishes = self.bytes = self.joins = None
@@ -269,6 +269,9 @@ class ConnectionLimits:
         self._logged: set[str] = set()
         # Limit hits not logged, because one of the same kind already was.
         self.suppressed = 0
+        # The hello deadline holds until the first complete frame (the HELLO,
+        # with authentication).
+        self.hello_pending = True
 
     @property
     def limits_publishes(self) -> bool:
@@ -382,9 +385,6 @@ class ServerLimits:
             self._per_group[group] -= 1
             if not self._per_group[group]:
                 del self._per_group[group]
-
-    def connections_from(self, group: str) -> int:
-        return self._per_group.get(group, 0)
 
     def over_budget(self) -> None:
         """The outbound total passed its limit: cut off the largest queues."""

@@ -128,15 +128,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._requests_seen = False
         self._close_call = None
         self._keeps_message_boundaries = False
-        # Limits (relay.server.limits): rate buckets, strikes, logged limits;
-        # the hello deadline holds until the first complete frame.
+        # Limits (relay.server.limits): rate buckets, strikes, logged limits,
+        # the hello deadline.  One attribute: past 29 instance attributes,
+        # CPython 3.11 stops sharing dict keys and every attribute read on
+        # the hot path gets slower.
         self._limits = factory.limits.connection_limits()
-        self._hello_pending = True
-        # What a socket transport may hold of ours when it pauses us: its
-        # buffer size (0 for transports that pause on their own terms), and
-        # the last write, which may take it past that.
-        self._transport_buffer = 0
-        self._transport_share = 0
         self._handlers: dict[int, Callable[[Frame], None]] = {
             MessageType.HELLO: self._on_hello,
             MessageType.JOIN_ROOM: self._on_join,
@@ -200,9 +196,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             # Bigger reads batch more frames into each flush.  The write
             # buffer counts toward max-pending, so it stays well under it.
             config = self.factory.config
-            self.transport.bufferSize = self._transport_buffer = min(
-                config.read_size, config.max_pending // 4
-            )
+            self.transport.bufferSize = min(config.read_size, config.max_pending // 4)
         cap_send_buffer(self.transport, self.factory.config.send_buffer)
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
@@ -255,7 +249,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.user_id = self.certified_user_id = user_id
 
     def timeoutConnection(self) -> None:
-        if self._hello_pending:
+        if self._limits.hello_pending:
             self.fail(*self.hello_timeout_error())
             return
         self.fail(
@@ -283,10 +277,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _frames_completed(self) -> None:
         """A read completed frames: the idle timer counts complete frames only."""
-        if not self._hello_pending:
+        limits = self._limits
+        if not limits.hello_pending:
             self.resetTimeout()
         elif self.hello_deadline_met():
-            self._hello_pending = False
+            limits.hello_pending = False
             self.setTimeout(self.factory.config.idle_timeout or None)
 
     def fail(self, code: ErrorCode, message: str, error: bytes | None = None) -> None:
@@ -596,8 +591,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
             stats.frames_out += len(frames)
             size = sum(map(len, frames))
             stats.bytes_out += size
-            self._transport_share = size
             self.transport.writeSequence(frames)
+            if self.state is _DRAINING:
+                self._paused_by_write(size)
             return
         if len(entries) == 1:
             entry = entries[0]
@@ -618,22 +614,25 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     parts.append(entry)
             data = b"".join(parts)
         stats.bytes_out += len(data)
-        # Until it is written out, this is what the transport holds of ours.
-        self._transport_share = len(data)
         self.transport.write(data)
+        if self.state is _DRAINING:
+            self._paused_by_write(len(data))
+
+    def _paused_by_write(self, size: int) -> None:
+        """The write of ``size`` bytes paused us: the transport holds them too."""
+        self._pending_bytes += size
+        self.factory.limits.outbound.grow(self, size)
 
     # IPushProducer: the transport tells us when its buffer is full.
 
     def pauseProducing(self) -> None:
         if self.state is State.OPEN:
             self._transition(State.DRAINING)
-            # The transport pauses us once its buffer passes its size, so it
-            # holds at most that plus the write that made it pause: count
-            # that toward max-pending too, so a paused connection's whole
-            # share of memory is bounded, not only its outbox.
-            self._pending_bytes = (
-                _outbox_bytes(self._outbox) + self._transport_buffer + self._transport_share
-            )
+            # The transport pauses us once its buffer passes its size: count
+            # that toward max-pending too (and the write that made it pause,
+            # once it returns), so a paused connection's whole share of
+            # memory is bounded, not only its outbox.
+            self._pending_bytes = _outbox_bytes(self._outbox) + getattr(self.transport, "bufferSize", 0)
             self.factory.limits.outbound.hold(self, self._pending_bytes)
 
     def resumeProducing(self) -> None:

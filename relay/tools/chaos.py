@@ -634,7 +634,13 @@ class ChaosRun:
             }
         drift = self.rss_drift()
         if drift is not None:
-            result["rss_kib"] = {"after_warmup": drift[0], "end": drift[1], "drift_percent": round(drift[2], 3)}
+            result["rss_kib"] = {
+                "after_warmup": drift[0],
+                "end": drift[1],
+                "drift_percent": round(drift[2], 3),
+                # One sample every ten seconds, to see the curve.
+                "series": [(round(at), rss) for at, rss in stats.rss_samples[::10]],
+            }
         return result
 
     def report(self) -> None:
