@@ -109,12 +109,12 @@ _non_negative_float.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-
 
 
 OPTIONS = [
-    ["rate-limit", None, None, "Publishes per second per connection (N/s); past it RATE_LIMITED [default: off].", parse_rate],
-    ["rate-burst", None, None, "Publishes a connection may send at once under --rate-limit [default: one second's worth].", _positive_int],
-    ["byte-rate", None, None, "Published bytes per second per connection (KiB, MiB suffixes) [default: off].", parse_size],
+    ["rate-limit", None, None, "Publishes per second per connection (N/s); past it RATE_LIMITED [default: off]", parse_rate],
+    ["rate-burst", None, None, "Publishes a connection may send at once under --rate-limit [default: one second's worth]", _positive_int],
+    ["byte-rate", None, None, "Published bytes per second per connection (KiB, MiB suffixes) [default: off]", parse_size],
     ["join-rate", None, 20.0, "Room joins per second per connection, after a burst of --max-rooms plus one second's worth (N/s; 0 turns it off).", parse_rate],
     ["rate-strikes", None, 50, "RATE_LIMITED refusals within 10 s that close the connection.", _positive_int],
-    ["max-connections-per-ip", None, None, "Connections from one IPv4 address or IPv6 /64 [default: off].", _positive_int],
+    ["max-connections-per-ip", None, None, "Connections from one IPv4 address or IPv6 /64 [default: off]", _positive_int],
     ["hello-timeout", None, 10.0, "Seconds a new connection has to send its first complete frame.", _non_negative_float],
     ["max-pending-total", None, 1024**3, "Bytes queued for all paused clients together; past it the largest queues are cut off (KiB, MiB, GiB suffixes).", parse_positive_size],
     ["send-buffer", None, 256 * 1024, "Kernel send buffer of each client socket, in bytes (0 leaves the kernel's autotuning).", parse_size],

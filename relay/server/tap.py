@@ -87,7 +87,7 @@ class Options(usage.Options):
         ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed.", _positive_int],
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
-        ["max-connections", None, None, "Concurrent client connections accepted [default: the open-file limit less headroom, at most 50000].", _positive_int],
+        ["max-connections", None, None, "Concurrent client connections accepted [default: the open-file limit less headroom, at most 50000]", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
     ] + limits.OPTIONS
