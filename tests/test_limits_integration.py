@@ -98,6 +98,34 @@ class RateLimitTests(IntegrationTestCase):
         self.assertEqual((await member.next_json())[1]["content"], "recovered")
 
 
+class JoinAndByteRateTests(IntegrationTestCase):
+    server_config = {"join_rate": 5, "max_rooms": 3, "byte_rate": 2000, "rate_strikes": 1000}
+
+    async def test_joins_past_the_burst_are_refused_then_the_rate_recovers(self) -> None:
+        client = await self.connect()
+        for number in range(8):  # max-rooms + one second's worth
+            await client.join(f"r{number % 3}")
+            client.send_json(MessageType.LEAVE_ROOM, {"room": f"r{number % 3}"})
+            await client.next_json()
+        type_, body = await client.request(MessageType.JOIN_ROOM, {"room": "late", "id": 1})
+        self.assertEqual((type_, body["code"], body["id"]), (MessageType.ERROR, "RATE_LIMITED", 1))
+        await sleep(body["retryAfter"] / 1000)
+        self.assertEqual((await client.join("late"))["status"], "joined")
+
+    async def test_published_bytes_past_the_rate_are_dropped_then_recover(self) -> None:
+        sender, member = await self.connect(), await self.connect()
+        await sender.join("r")
+        await member.join("r")
+        big = "b" * 1500
+        sender.send(publish("r", big, id=1) + publish("r", big, id=2) + publish("r", big, id=3))
+        body = await error_of(sender)
+        self.assertEqual((body["code"], body["id"]), ("RATE_LIMITED", 3))
+        self.assertEqual([(await member.next_json())[1]["content"] for _ in range(2)], [big, big])
+        await sleep(body["retryAfter"] / 1000)
+        sender.send(publish("r", "small"))
+        self.assertEqual((await member.next_json())[1]["content"], "small")
+
+
 class StrikeOutTests(IntegrationTestCase):
     server_config = {"rate_limit": 1, "rate_burst": 1, "rate_strikes": 5}
 
