@@ -477,6 +477,31 @@ class TransportShareTests(LimitsTestCase):
         self.assertIn(b"SLOW_CONSUMER", peer.transport.value()[-200:])
 
 
+class SendBufferTests(unittest.TestCase):
+    def test_the_socket_under_tls_or_websocket_layers_is_capped(self) -> None:
+        import socket
+
+        from relay.server.protocol import cap_send_buffer
+
+        class Layer:
+            def __init__(self, below: Any = None, sock: Any = None, name: str = "transport") -> None:
+                setattr(self, name, below)
+                self._sock = sock
+
+            def getHandle(self) -> Any:
+                return self._sock if self._sock is not None else object()
+
+        for build in (
+            lambda sock: Layer(sock=sock),  # TCP
+            lambda sock: Layer(Layer(sock=sock)),  # TLS over TCP
+            lambda sock: Layer(Layer(Layer(sock=sock)), name="stream"),  # WebSocket over TLS
+        ):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            cap_send_buffer(build(sock), 64 * 1024)
+            self.assertLessEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), 2 * 64 * 1024)
+
+
 class InstanceAttributeTests(LimitsTestCase):
     def test_a_connection_stays_under_the_shared_keys_limit(self) -> None:
         # CPython 3.11 shares an instance dict's keys up to 30: past 29

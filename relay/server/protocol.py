@@ -698,12 +698,15 @@ def cap_send_buffer(transport: Any, size: int) -> None:
     if not size:
         return
     sock = None
-    # TLS wraps the socket's transport: its own handle is the TLS connection.
-    for layer in (transport, getattr(transport, "transport", None)):
+    # TLS wraps the socket's transport (its own handle is the TLS
+    # connection), and WebSocket wraps a TCP or TLS stream: look underneath.
+    layer = transport
+    for _ in range(3):
         handle = getattr(layer, "getHandle", None)
         sock = handle() if handle is not None else None
         if isinstance(sock, socket.socket):
             break
+        layer = getattr(layer, "stream", None) or getattr(layer, "transport", None)
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
