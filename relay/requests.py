@@ -14,7 +14,15 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from relay.wire import ErrorCode, Flags, Frame, loads, split_binary_message
+from relay.wire import (
+    MAX_JSON_DEPTH,
+    ErrorCode,
+    Flags,
+    Frame,
+    JSONTooDeep,
+    loads,
+    split_binary_message,
+)
 
 MAX_ROOM_NAME = 64
 MAX_USER_ID = 128
@@ -86,13 +94,27 @@ def json_body(frame: Frame) -> tuple[dict[str, Any], Any]:
     """A JSON request's body and its ``id`` (None when it has none)."""
     if not frame.flags & _JSON:
         raise RequestError(ErrorCode.BAD_REQUEST, _NOT_JSON)
-    body = loads(frame.payload)
+    try:
+        body = loads(frame.payload)
+    except JSONTooDeep as deep:
+        raise _too_deep(deep) from None
     if type(body) is not dict:
         raise RequestError(ErrorCode.BAD_REQUEST, _NOT_AN_OBJECT)
     request_id = body.get("id")
     if request_id is not None:
         _check_request_id(request_id)
     return body, request_id
+
+
+def _too_deep(deep: JSONTooDeep) -> RequestError:
+    """The refusal of a request nested past the limit, with its id if it has a valid one."""
+    body = deep.value
+    request_id = body.get("id") if type(body) is dict else None
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        request_id = None
+    return RequestError(
+        ErrorCode.BAD_REQUEST, f"the payload is nested deeper than {MAX_JSON_DEPTH} levels", request_id
+    )
 
 
 def _check_request_id(request_id: Any) -> None:
@@ -170,7 +192,10 @@ def parse_publish(frame: Frame) -> Publish:
     """
     if not frame.flags & _JSON:
         raise RequestError(ErrorCode.BAD_REQUEST, _NOT_JSON)
-    body = loads(frame.payload)
+    try:
+        body = loads(frame.payload)
+    except JSONTooDeep as deep:
+        raise _too_deep(deep) from None
     if type(body) is not dict:
         raise RequestError(ErrorCode.BAD_REQUEST, _NOT_AN_OBJECT)
     request_id = body.get("id")

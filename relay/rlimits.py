@@ -7,12 +7,25 @@ from twisted.logger import Logger
 log = Logger()
 
 
-def raise_open_file_limit() -> None:
-    """Raise the soft limit on open files to the hard limit, and log it."""
+def open_file_limit() -> int | None:
+    """The open-file limit the process can raise itself to (the hard limit).
+
+    None where there is no such limit to read (not POSIX) or it is unlimited.
+    """
     try:
         import resource
     except ImportError:  # not on POSIX
-        return
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise the soft limit on open files to the hard limit, log it, and return it."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -21,3 +34,4 @@ def raise_open_file_limit() -> None:
         except (ValueError, OSError) as error:
             log.warn("Could not raise the open file limit: {error}", error=error)
     log.info("Open file limit: {limit}", limit=soft)
+    return None if soft == resource.RLIM_INFINITY else soft

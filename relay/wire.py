@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import struct
 from typing import Any, Iterator, NamedTuple, NoReturn
@@ -179,9 +180,7 @@ class Decoder:
     def allow_compressed(self, allow: bool) -> None:
         self._allow_compressed = allow
         # Every acceptable flags byte, so the common case is one set lookup.
-        self._valid_flags = frozenset(
-            flags for flags in range(256) if _flags_problem(flags, allow) is None
-        )
+        self._valid_flags = _VALID_FLAGS[bool(allow)]
 
     @property
     def buffered(self) -> int:
@@ -307,25 +306,148 @@ def _flags_problem(flags: int, allow_compressed: bool) -> str | None:
     return None
 
 
+# Made once: building it costs about 100 us, once per connection otherwise.
+_VALID_FLAGS = {
+    allow: frozenset(flags for flags in range(256) if _flags_problem(flags, allow) is None)
+    for allow in (False, True)
+}
+
+
 # JSON: orjson parses and decides what is valid (strict RFC 8259: no NaN or
-# Infinity, no lone surrogates, numbers within double range, at most 1024
-# levels deep).  It turns integers beyond 64 bits into floats, so a payload
-# that may hold one (a run of 19 digits) is read again by the standard
-# library, which keeps integers exact.
+# Infinity, no lone surrogates, no byte-order mark).  It turns integers
+# beyond 64 bits into floats, and refuses integers beyond a double's range,
+# so a payload that may hold one (a run of 19 digits) is read again by the
+# standard library, which keeps integers exact, under the same rules.
 _LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+_LONG_INTEGER = re.compile(rb"-?\d{19}")
+# orjson's own limit: deeper is not JSON at all (PARSE_ERROR).
+_PARSER_DEPTH = 1024
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# The one nesting limit for every JSON payload, requests and deliveries
+# alike: under orjson's own (1024), and shallow enough that the standard
+# library's parser and serialiser, which recurse, never reach Python's
+# recursion limit.  A delivery nests the content one level deeper than the
+# request did, and is still within it.
+MAX_JSON_DEPTH = 512
+
+
+class JSONTooDeep(ValueError):
+    """Valid JSON nested deeper than ``MAX_JSON_DEPTH``: refused, not a violation.
+
+    ``value`` is what was parsed, when it could be (to find a request's id).
+    """
+
+    def __init__(self, value: Any = None) -> None:
+        super().__init__(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        self.value = value
 
 
 def loads(payload: bytes) -> Any:
-    """Parse a JSON payload, raising PARSE_ERROR if it is not UTF-8 JSON."""
+    """Parse a JSON payload, raising PARSE_ERROR if it is not UTF-8 JSON.
+
+    Integers of any size are kept exact; other numbers must fit a double.
+    Nesting deeper than ``MAX_JSON_DEPTH`` raises ``JSONTooDeep``.
+    """
     try:
         value = orjson.loads(payload)
+    except ValueError as error:
+        # Only an integer beyond a double's range, where orjson stopped, is
+        # worth a second parse; anything else it refused is not JSON.
+        position = getattr(error, "pos", None)
+        if position is None or _LONG_INTEGER.match(payload, position) is None:
+            raise ProtocolError(ErrorCode.PARSE_ERROR, f"payload is not JSON: {error}") from None
+        value = _exact_loads(payload)
+    else:
         # An integer orjson widened is a float in its result: only then is
         # the payload worth scanning, which costs far more than the parse.
         if _has_float(value) and _LONG_DIGIT_RUN.search(payload) is not None:
-            value = json.loads(payload)
+            value = _exact_loads(payload)
+    # Nesting past the limit needs that many brackets: most payloads are too
+    # short to hold them, and counting is far cheaper than walking.
+    if (
+        len(payload) > 2 * MAX_JSON_DEPTH
+        and payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH
+        and _deeper_than(value, MAX_JSON_DEPTH)
+    ):
+        raise JSONTooDeep(value)
+    return value
+
+
+def _exact_loads(payload: bytes) -> Any:
+    """The standard library's parse, keeping integers exact, as strict as orjson's."""
+    try:
+        if payload.startswith(b"\xef\xbb\xbf"):
+            raise ValueError("a byte-order mark is not JSON")
+        value = json.loads(
+            payload.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
+        _check_strings(value)
         return value
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        # The standard library recurses: past orjson's limit, not JSON either.
+        if _bracket_depth(payload) > _PARSER_DEPTH:
+            raise ProtocolError(
+                ErrorCode.PARSE_ERROR, f"payload is not JSON: nested deeper than {_PARSER_DEPTH} levels"
+            ) from None
+        raise JSONTooDeep() from None
+    except ValueError as error:
         raise ProtocolError(ErrorCode.PARSE_ERROR, f"payload is not JSON: {error}") from None
+
+
+def _bracket_depth(payload: bytes) -> int:
+    """How deep a JSON text's brackets nest, strings aside (a rare path)."""
+    brackets = _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (math.inf, -math.inf):
+        raise ValueError("number is beyond the range of a double")
+    return number
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse strings holding a lone surrogate (escaped in the JSON), as orjson does."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if type(value) is dict:
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif type(value) is list:
+            pending.extend(value)
+        elif type(value) is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a lone surrogate is not valid in a string") from None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests containers more than ``limit`` deep."""
+    pending = [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        items = value.values() if type(value) is dict else value if type(value) is list else ()
+        for item in items:
+            if type(item) is dict or type(item) is list:
+                pending.append((item, depth + 1))
+    return False
 
 
 def _has_float(value: Any) -> bool:

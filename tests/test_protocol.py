@@ -377,6 +377,8 @@ class HeartbeatTests(ProtocolTestCase):
 
     def test_silence_past_the_idle_timeout_closes(self) -> None:
         peer = self.peer()
+        peer.send(encode(MessageType.HEARTBEAT))  # past the hello deadline
+        peer.received()
         self.clock.advance(59)
         self.assertFalse(peer.closing)
         self.clock.advance(1)
@@ -387,8 +389,8 @@ class HeartbeatTests(ProtocolTestCase):
     def test_any_frame_counts_as_liveness(self) -> None:
         peer = self.peer()
         for _ in range(5):
-            self.clock.advance(50)
             peer.send_json(MessageType.JOIN_ROOM, {"room": "r"})
+            self.clock.advance(50)
         self.assertFalse(peer.closing)
         self.assertEqual([t for t, _ in peer.replies()], [MessageType.JOIN_ROOM] * 5)
 

@@ -534,7 +534,6 @@ OPTIONS: list[list[Any]] = [
     ["jwt-issuer", None, None, "JWTs must carry this issuer (iss)."],
     ["jwt-leeway", None, DEFAULT_LEEWAY, "Seconds of tolerance on a JWT's exp and nbf; a connection is closed at exp plus this.", _non_negative_seconds],
     ["anonymous-rooms", None, None, "Comma-separated room patterns clients without a token may join (read-only), with --allow-anonymous."],
-    ["hello-timeout", None, 10.0, "With authentication, seconds a client has for its HELLO with a token; 0 for no deadline.", _non_negative_seconds],
 ]
 FLAGS: list[list[Any]] = [
     ["allow-anonymous", None, "With authentication, let clients without a token in, read-only, to the --anonymous-rooms."],

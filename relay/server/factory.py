@@ -29,6 +29,7 @@ from relay.server.backplane import (
 )
 from relay.server.auth import Authenticator
 from relay.server.fanout import Batch
+from relay.server.limits import ServerLimits
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
@@ -59,9 +60,17 @@ class RelayConfig:
     cluster_name: str = DEFAULT_CLUSTER_NAME
     redis_queue: int = DEFAULT_REDIS_QUEUE
     membership_ttl: int = DEFAULT_MEMBERSHIP_TTL
-    # Authentication (relay.server.auth): how long a client has for its
-    # first HELLO, with its token when authentication is required.
+    # Limits and abuse resistance (relay.server.limits, docs/security.md);
+    # hello_timeout is also the deadline of an authenticated HELLO.
     hello_timeout: float = 10.0
+    rate_limit: float | None = None
+    rate_burst: int | None = None
+    byte_rate: int | None = None
+    join_rate: float | None = 20.0
+    rate_strikes: int = 50
+    max_connections_per_ip: int | None = None
+    max_pending_total: int = 1024**3
+    send_buffer: int = 256 * 1024
 
     @property
     def heartbeat_interval(self) -> int:
@@ -136,6 +145,7 @@ class RelayFactory(ServerFactory):
         self.batch = Batch()
         # Who connections are and where they may go; None: no authentication.
         self.auth = auth
+        self.limits = ServerLimits(self.config, reactor.seconds)
         self._closed_waiters: list[defer.Deferred[None]] = []
         # True from the start of shutdown: /healthz then answers 503.
         self.shutting_down = False

@@ -20,6 +20,7 @@ client is cut off as a slow consumer.
 from __future__ import annotations
 
 import enum
+import socket
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from twisted.internet.defer import Deferred
@@ -34,6 +35,7 @@ from relay import __version__
 from relay.requests import (
     Hello,
     RequestError,
+    json_body,
     normalize_room_name,
     parse_binary_publish,
     parse_hello,
@@ -42,6 +44,7 @@ from relay.requests import (
 )
 from relay.server.auth import Grant, Unauthorized
 from relay.server.fanout import Fanout
+from relay.server.limits import clip, rate_limited_error
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
 from relay.wire import (
@@ -111,9 +114,19 @@ class IMessageTransport(Interface):
 class RelayProtocol(Protocol, TimeoutMixin):
     """One client connection speaking Relay v1."""
 
-    # Codes of the refusals already logged (and MessageType.ERROR once a
-    # client's ERROR frame was); shared and empty until the first.
-    _refusals_logged: frozenset[ErrorCode | MessageType] = frozenset()
+    # MessageType.ERROR once a client's ERROR frame was logged; shared and
+    # empty until then.
+    _refusals_logged: frozenset[MessageType] = frozenset()
+    # State most connections never change, as class defaults: past 29
+    # instance attributes CPython 3.11 stops sharing dict keys, and every
+    # attribute read on the hot path gets slower.
+    certified_user_id: str | None = None  # from a verified client certificate
+    acks = False  # the acks extension, enabled by HELLO
+    _close_call: Any = None
+    _held = False  # True while a JOIN waits for the cluster's member count
+    _auth: Any = None  # relay.server.auth.Authenticator, when configured
+    grant: Grant | None = None
+    _auth_timer: Any = None
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
@@ -128,10 +141,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.state = State.INIT
         self.connection_id = factory.new_connection_id()
         self.user_id = f"anon-{self.connection_id}"
-        # Set from a verified client certificate; HELLO cannot change it.
-        self.certified_user_id: str | None = None
         self.echo = False
-        self.acks = False  # the acks extension, enabled by HELLO
         self.rooms: set[str] = set()
         self._outbox: list[bytes | Fanout] = []
         # The outbox's last entry when it is a Fanout that may still grow.
@@ -139,10 +149,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._pending_bytes = 0
         self._said_hello = False
         self._requests_seen = False
-        self._close_call = None
-        # True while a JOIN waits for the cluster's member count.
-        self._held = False
         self._keeps_message_boundaries = False
+        # Limits (relay.server.limits): rate buckets, strikes, logged limits,
+        # the hello deadline, in one attribute (see the class defaults).
+        self._limits = factory.limits.connection_limits()
         self._handlers: dict[int, Callable[[Frame], None]] = {
             MessageType.HELLO: self._on_hello,
             MessageType.JOIN_ROOM: self._on_join,
@@ -151,15 +161,15 @@ class RelayProtocol(Protocol, TimeoutMixin):
             MessageType.HEARTBEAT: self._on_heartbeat,
             MessageType.ERROR: self._on_client_error,
         }
+        if self._limits.limits_publishes:
+            self._handlers[MessageType.MESSAGE] = self._on_limited_message
         # Authentication (relay.server.auth): until a HELLO proves who the
         # client is, it may only say HELLO and heartbeat.
-        self._auth = factory.auth
-        self.grant: Grant | None = None
         # The rooms it may publish to: its rooms, unless a grant says
         # otherwise; then a set of its own, decided at each join.
         self._publishable = self.rooms
-        self._auth_timer: Any = None
-        if self._auth is not None:
+        if factory.auth is not None:
+            self._auth = factory.auth
             self._granted_handlers = self._handlers
             self._handlers = self._unauthenticated_handlers()
 
@@ -207,9 +217,16 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._transition(State.OPEN)
+        refusal = self.factory.limits.admit(self, self.transport.getPeer())
+        if refusal is not None:
+            self.fail(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            return
         if hasattr(self.transport, "bufferSize"):  # socket transports, not wrappers
-            # Bigger reads batch more frames into each flush.
-            self.transport.bufferSize = self.factory.config.read_size
+            # Bigger reads batch more frames into each flush.  The write
+            # buffer counts toward max-pending, so it stays well under it.
+            config = self.factory.config
+            self.transport.bufferSize = min(config.read_size, config.max_pending // 4)
+        cap_send_buffer(self.transport, self.factory.config.send_buffer)
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
         if ITCPTransport.providedBy(self.transport):
@@ -231,7 +248,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 f"the server is at its limit of {self.factory.config.max_connections} connections",
             )
             return
-        self.setTimeout(self.factory.config.idle_timeout or None)  # 0: no idle timeout
+        self.setTimeout(self.factory.config.hello_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.state is State.CLOSED:
@@ -245,12 +262,19 @@ class RelayProtocol(Protocol, TimeoutMixin):
         for room in self.rooms:
             self.factory.registry.leave(self, room)
         self.rooms.clear()
+        self.factory.limits.release(self)
         self.factory.connection_closed(self)
         log.info(
-            "{conn} disconnected: {why}",
+            "{conn} disconnected: {why}{suppressed}",
             conn=self.connection_id,
             why=reason.getErrorMessage(),
+            suppressed=_suppressed_note(self._limits.suppressed),
         )
+        # Break the cycles through bound methods and buffers, so reference
+        # counting frees the connection without the cyclic collector.
+        self._handlers.clear()
+        self._decoder = None
+        self._close_call = None
 
     def handshakeCompleted(self) -> None:
         """A TLS transport finished its handshake: a client certificate
@@ -261,13 +285,47 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.user_id = self.certified_user_id = user_id
 
     def timeoutConnection(self) -> None:
+        if self._limits.hello_pending:
+            self.fail(*self.hello_timeout_error())
+            return
         self.fail(
             ErrorCode.HEARTBEAT_TIMEOUT,
             f"no frame received for {self.factory.config.idle_timeout} seconds",
         )
 
-    def fail(self, code: ErrorCode, message: str) -> None:
-        """End the connection with a fatal ERROR, written after what is queued."""
+    def hello_timeout_error(self) -> tuple[ErrorCode, str]:
+        """The fatal ERROR for a connection that missed its hello deadline.
+
+        Authentication, when configured, answers UNAUTHORIZED instead.
+        """
+        return (
+            ErrorCode.HEARTBEAT_TIMEOUT,
+            f"no complete frame received within {self.factory.config.hello_timeout} seconds",
+        )
+
+    def hello_deadline_met(self) -> bool:
+        """Whether the frames received so far meet the hello deadline.
+
+        Any complete frame does; authentication, when configured, waits for
+        the HELLO instead.
+        """
+        return True
+
+    def _frames_completed(self) -> None:
+        """A read completed frames: the idle timer counts complete frames only."""
+        limits = self._limits
+        if not limits.hello_pending:
+            self.resetTimeout()
+        elif self.hello_deadline_met():
+            limits.hello_pending = False
+            self.setTimeout(self.factory.config.idle_timeout or None)
+
+    def fail(self, code: ErrorCode, message: str, error: bytes | None = None) -> None:
+        """End the connection with a fatal ERROR, written after what is queued.
+
+        ``error`` is the ERROR frame to send, when it carries more than
+        ``code`` and ``message``.
+        """
         if not self.accepting:
             return
         self.factory.stats.errors_sent[code] += 1
@@ -276,9 +334,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
         )
         # Written now, so no Fanout in it is held past this point.
         frames = self._take_outbox()
+        self.factory.limits.outbound.release(self)
         self._transition(State.CLOSING)
         self.setTimeout(None)
-        error = encode_error(code, message)
+        if error is None:
+            error = encode_error(code, message)
         if code is ErrorCode.SLOW_CONSUMER:
             # It cannot be flushed to: best effort, then drop it at once.
             self._trace_out(error)
@@ -299,9 +359,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if not self.accepting:
             return  # nothing is parsed after a violation
-        self.resetTimeout()
         stats = self.factory.stats
         stats.bytes_in += len(data)
+        seen = stats.frames_in
         if self._held:  # a JOIN waits for the cluster: frames wait too
             self._decoder.feed(data)
             return
@@ -319,6 +379,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         except _Held:
             pass
         finally:
+            if stats.frames_in != seen:
+                self._frames_completed()
             self.factory.flush()
 
     def _dispatch(self, frame: Frame) -> None:
@@ -327,14 +389,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
         except RequestError as refusal:
             self.factory.stats.errors_sent[refusal.code] += 1
             self._log_refusal(refusal)
+            self.factory.limits.counters[f"refused_{refusal.code.value}"] += 1
             self.enqueue(encode_error(refusal.code, refusal.message, refusal.request_id))
 
     def _log_refusal(self, refusal: RequestError) -> None:
-        """Log the first refusal of each code on this connection: a client
-        repeating a mistake must not flood the log."""
-        if refusal.code in self._refusals_logged:
+        """Log the first refusal of each code on this connection (the rest
+        are counted): a client repeating a mistake must not flood the log."""
+        if not self._limits.first_time(refusal.code.value):
             return
-        self._refusals_logged = self._refusals_logged | {refusal.code}
         log.info(
             "{conn} refused a request: {code} {message} (logged once per code per connection)",
             conn=self.connection_id,
@@ -397,6 +459,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     f"a connection may be in at most {limit} rooms",
                     request_id,
                 )
+            # Only a join that adds a membership costs a token: rejoining is an ack.
+            joins = self._limits.joins
+            if joins is not None:
+                wait = joins.take(self._reactor.seconds())
+                if wait:
+                    self._rate_limited("join", wait, request_id)
+                    return
             self.rooms.add(room)
             if self.grant is not None and self.grant.may_publish(room):
                 self._publishable.add(room)  # decided once, so publishing checks nothing more
@@ -447,6 +516,32 @@ class RelayProtocol(Protocol, TimeoutMixin):
             log.info("{conn} ({user}) left {room}", conn=self.connection_id, user=self.user_id, room=room)
         self._reply(MessageType.LEAVE_ROOM, {"status": "left", "room": room}, request_id)
 
+    def _on_limited_message(self, frame: Frame) -> None:
+        """A MESSAGE under --rate-limit or --byte-rate: dropped past the buckets."""
+        wait = self._limits.publish_wait(self._reactor.seconds(), len(frame.payload))
+        if wait:
+            self._requests_seen = True
+            self._rate_limited("publish", wait, None if frame.flags & _BINARY else _request_id_of(frame))
+            return
+        self._on_message(frame)
+
+    def _rate_limited(self, what: str, wait: float, request_id: Any) -> None:
+        """Refuse a request past its rate; enough strikes close the connection."""
+        limits = self.factory.limits
+        limits.counters[f"rate_limited_{what}"] += 1
+        if self._limits.strikes.add(self._reactor.seconds()):
+            limits.counters["rate_strikes"] += 1
+            message = f"more than {self.factory.config.rate_strikes} rate-limited requests within 10 seconds"
+            self.fail(ErrorCode.RATE_LIMITED, message, rate_limited_error(message, wait, request_id, True))
+            return
+        if self._limits.first_time(f"rate:{what}"):
+            log.info(
+                "{conn} rate-limited ({what}); further ones are counted, not logged",
+                conn=self.connection_id,
+                what=what,
+            )
+        self.enqueue(rate_limited_error(f"{what} rate exceeded; the request was dropped", wait, request_id))
+
     def _on_message(self, frame: Frame) -> None:
         self._requests_seen = True
         if frame.flags & _BINARY:
@@ -490,10 +585,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if name not in self._publishable:  # the same set as self.rooms without auth
             normalized = normalize_room_name(name)
             if normalized is None:
-                raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {name!r}", request_id)
+                raise RequestError(ErrorCode.INVALID_ROOM, f"invalid room name {clip(name)}", request_id)
             if normalized not in self.rooms:
                 raise RequestError(
-                    ErrorCode.NOT_IN_ROOM, f"not a member of room {normalized!r}", request_id
+                    ErrorCode.NOT_IN_ROOM, f"not a member of room {clip(normalized)}", request_id
                 )
             if normalized not in self._publishable:
                 raise RequestError(
@@ -622,6 +717,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     ErrorCode.SLOW_CONSUMER,
                     f"more than {self._max_pending} bytes waiting to be sent",
                 )
+                return
+            outbound = self.factory.limits.outbound
+            outbound.grow(self, len(frame))
+            if outbound.total > outbound.limit:
+                self.factory.limits.over_budget()
 
     def enqueue_shared(self, fanout: Fanout) -> bool:
         """Queue a room's shared ``fanout`` as one outbox entry, in order.
@@ -664,7 +764,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 if type(entry) is not Fanout:
                     stats.frames_out_by_type[entry[5]] += 1
             stats.bytes_out += sum(map(len, frames))
+            size = sum(map(len, frames))
+            stats.bytes_out += size
             self.transport.writeSequence(frames)
+            if self.state is _DRAINING:
+                self._paused_by_write(size)
             return
         if len(entries) == 1:
             entry = entries[0]
@@ -688,18 +792,31 @@ class RelayProtocol(Protocol, TimeoutMixin):
             data = b"".join(parts)
         stats.bytes_out += len(data)
         self.transport.write(data)
+        if self.state is _DRAINING:
+            self._paused_by_write(len(data))
+
+    def _paused_by_write(self, size: int) -> None:
+        """The write of ``size`` bytes paused us: the transport holds them too."""
+        self._pending_bytes += size
+        self.factory.limits.outbound.grow(self, size)
 
     # IPushProducer: the transport tells us when its buffer is full.
 
     def pauseProducing(self) -> None:
         if self.state is State.OPEN:
             self._transition(State.DRAINING)
-            self._pending_bytes = _outbox_bytes(self._outbox)
+            # The transport pauses us once its buffer passes its size: count
+            # that toward max-pending too (and the write that made it pause,
+            # once it returns), so a paused connection's whole share of
+            # memory is bounded, not only its outbox.
+            self._pending_bytes = _outbox_bytes(self._outbox) + getattr(self.transport, "bufferSize", 0)
+            self.factory.limits.outbound.hold(self, self._pending_bytes)
 
     def resumeProducing(self) -> None:
         if self.state is State.DRAINING:
             self._transition(State.OPEN)
             self._pending_bytes = 0
+            self.factory.limits.outbound.release(self)
             self.flush()
 
     def stopProducing(self) -> None:
@@ -752,6 +869,41 @@ def _bounded(message: str) -> str:
     if len(message) <= _LOGGED_MESSAGE_LIMIT:
         return message
     return message[:_LOGGED_MESSAGE_LIMIT] + "..."
+def _request_id_of(frame: Frame) -> Any:
+    """The ``id`` of a JSON request refused before it was parsed, if it has a valid one."""
+    try:
+        return json_body(frame)[1]
+    except (RequestError, ProtocolError):
+        return None
+
+
+def _suppressed_note(count: int) -> str:
+    return f" ({count} more limit hits and refusals not logged)" if count else ""
+
+
+def cap_send_buffer(transport: Any, size: int) -> None:
+    """Cap the kernel send buffer of a socket transport at ``size`` bytes.
+
+    What the kernel holds for a client that does not read is memory too;
+    left to autotuning it grows to megabytes.  0 leaves it alone.
+    """
+    if not size:
+        return
+    sock = None
+    # TLS wraps the socket's transport (its own handle is the TLS
+    # connection), and WebSocket wraps a TCP or TLS stream: look underneath.
+    layer = transport
+    for _ in range(3):
+        handle = getattr(layer, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket):
+            break
+        layer = getattr(layer, "stream", None) or getattr(layer, "transport", None)
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError as error:
+            log.warn("Could not cap the socket send buffer: {error}", error=error)
 
 
 def _type_name(type_: int) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from typing import Any
 
 from twisted.application import service, strports
@@ -14,14 +16,52 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
-from relay.rlimits import raise_open_file_limit
-from relay.server import auth, backplane, logs, metrics, tls, workers
+from relay.rlimits import open_file_limit, raise_open_file_limit
+from relay.server import auth, backplane, limits, logs, metrics, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.signals import StopSignals
 
 log = Logger()
 
 DEFAULT_PORT = "tcp:4000"
+
+
+def default_backlog() -> int:
+    """1024, or the kernel's cap on listen backlogs (somaxconn) if that is higher.
+
+    Twisted's default of 50 stalls a reconnect storm: past it the kernel drops
+    SYNs and each client waits a full second to retry.  Even 1024 overflows
+    when 2,000 clients connect at once faster than one process accepts them.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn") as somaxconn:
+            ceiling = int(somaxconn.read())
+    except (OSError, ValueError):
+        ceiling = socket.SOMAXCONN
+    return max(1024, ceiling)
+
+
+DEFAULT_BACKLOG = default_backlog()
+# Endpoint types whose strports descriptions take ``backlog=``.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", tls.TLS_PREFIX, "unix"})
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """``description`` with ``backlog=`` added, unless it gives one already.
+
+    Every listener the server opens goes through this (``RelayService.listen``).
+    Descriptions of endpoint types that take no backlog are returned as they are.
+    """
+    fields = _UNESCAPED_COLON.split(description)
+    kind = fields[0].lower()
+    if kind.isdigit():  # an old-style bare port number is TCP
+        kind = "tcp"
+    if kind not in _BACKLOG_TYPES or len(fields) < 2:
+        return description
+    if any(field.lower().startswith("backlog=") for field in fields[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _positive_int(value: str) -> int:
@@ -60,10 +100,10 @@ class Options(usage.Options):
         ["idle-timeout", None, RelayConfig.idle_timeout, "Seconds of client silence before the connection is closed; 0 never closes a silent client (TCP keepalive still finds dead peers).", _non_negative_int],
         ["max-pending", None, RelayConfig.max_pending, "Bytes queued for a paused client before it is cut off as a slow consumer.", _positive_int],
         ["max-rooms", None, RelayConfig.max_rooms, "Rooms one connection may be in at once.", _positive_int],
-        ["max-connections", None, RelayConfig.max_connections, "Concurrent client connections accepted.", _positive_int],
+        ["max-connections", None, None, "Concurrent client connections accepted [default: the open-file limit less headroom, at most 50000]", _positive_int],
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
-    ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS + auth.OPTIONS
+    ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS + auth.OPTIONS + limits.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,7 +155,7 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             max_pending=self["max-pending"],
             max_rooms=self["max-rooms"],
-            max_connections=self["max-connections"],
+            max_connections=self["max-connections"] or limits.default_max_connections(open_file_limit()),
             read_size=self["read-size"],
             debug=bool(self["debug"]),
             # Cluster
@@ -123,7 +163,7 @@ class Options(usage.Options):
             cluster_name=self["cluster-name"],
             redis_queue=self["redis-queue"],
             membership_ttl=self["membership-ttl"],
-            hello_timeout=self["hello-timeout"],
+            **limits.config_fields(self),
         )
 
 
@@ -177,7 +217,7 @@ class RelayService(service.MultiService):
         # listeners, in order; the metrics listener is its own.
         adopted = ports is None and self._adopted
         reactor = self._adopted.pop(0) if adopted else self.factory.reactor
-        listener = strports.service(description, factory, reactor=reactor)
+        listener = strports.service(with_backlog(description), factory, reactor=reactor)
         listener.endpoint = _RecordingEndpoint(
             listener.endpoint, self.listening_ports if ports is None else ports
         )
@@ -215,7 +255,21 @@ class RelayService(service.MultiService):
             raise SystemExit(1) from None
 
     def startService(self) -> None:
-        raise_open_file_limit()
+        open_files = raise_open_file_limit()
+        config = self.factory.config
+        if open_files is not None and config.max_connections > open_files - limits.FILE_HEADROOM:
+            log.warn(
+                "--max-connections {connections} is above the open-file limit {limit} less "
+                "{headroom} in reserve: connections past it are reset, not refused",
+                connections=config.max_connections,
+                limit=open_files,
+                headroom=limits.FILE_HEADROOM,
+            )
+        log.info(
+            "Open file limit {limit}; max connections {connections}",
+            limit=open_files,
+            connections=config.max_connections,
+        )
         if self._metrics_service is not None:
             self._metrics_service.startService()
         super().startService()

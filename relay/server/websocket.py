@@ -40,6 +40,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -58,6 +59,8 @@ log = Logger()
 
 # A client gets this long to finish the HTTP upgrade.
 OPEN_HANDSHAKE_TIMEOUT = 10.0
+# The request line and headers of one request, together.
+MAX_REQUEST_HEAD = 16 * 1024
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
@@ -189,6 +192,133 @@ class DemoPage(Resource):
         return self._page
 
 
+class BoundedRequest(Request):
+    """A request whose body, if it announces one, is refused unread.
+
+    No resource here takes a body; without this, twisted.web would spool a
+    large one to a temporary file before answering 405.
+    """
+
+    refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length == 0:
+            super().gotLength(length)
+            return
+        # A Content-Length, or a chunked body (length None): never read it.
+        self.refused = True
+        self.content = _Discard()
+        self.channel.refuse(b"413 Content Too Large")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self.refused:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.refused:
+            super().requestReceived(command, path, version)
+
+
+class _Discard:
+    """A request body that keeps nothing."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedHTTPChannel(HTTPChannel):
+    """An HTTP connection bounded in time and bytes until its request is in.
+
+    twisted.web's own timeout restarts on every byte, and autobahn's opening
+    handshake timer only starts after the upgrade, so a client trickling a
+    request line or headers would be kept for ever.  Here the whole request
+    (line, headers) must arrive within ``OPEN_HANDSHAKE_TIMEOUT`` and fit in
+    ``MAX_REQUEST_HEAD`` bytes (else 431); a body is refused (413).
+    """
+
+    deadline_seconds = OPEN_HANDSHAKE_TIMEOUT
+    MAX_LENGTH = MAX_REQUEST_HEAD
+    totalHeadersSize = MAX_REQUEST_HEAD
+
+    _deadline: Any = None
+    _head_bytes = 0
+    _refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None:  # the first bytes of a next request
+            self._arm_deadline()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self._head_bytes += len(line) + 2
+        if self._head_bytes > MAX_REQUEST_HEAD:
+            self.refuse(b"431 Request Header Fields Too Large")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(b"431 Request Header Fields Too Large")
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        self._head_bytes = 0
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def refuse(self, status: bytes) -> None:
+        """Answer ``status`` and close, reading nothing more."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        log.info("HTTP request refused: {status}", status=status.decode("ascii"))
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.transport.loseConnection()
+        # A peer that does not read cannot hold the socket open either.
+        self._deadline = self.callLater(2.0, self.transport.abortConnection)
+
+    def _arm_deadline(self) -> None:
+        self._deadline = self.callLater(self.deadline_seconds, self._deadline_passed)
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            log.info("HTTP request not complete within {seconds} s; dropped", seconds=self.deadline_seconds)
+            self.transport.abortConnection()
+
+
+class RelaySite(Site):
+    """The HTTP site, on bounded channels and requests."""
+
+    protocol = BoundedHTTPChannel
+    requestFactory = BoundedRequest
+
+
 def make_site(relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*",)) -> Site:
     """The HTTP site: the demo page at ``/`` and WebSocket at ``/relay``."""
     root = Resource()
@@ -196,4 +326,4 @@ def make_site(relay_factory: RelayFactory, allowed_origins: Sequence[str] = ("*"
     ws_factory = RelayWebSocketFactory(relay_factory, allowed_origins)
     root.putChild(PATH.lstrip("/").encode("ascii"), WebSocketResource(ws_factory))
     # Idle HTTP connections time out on the relay's reactor, like relay connections.
-    return Site(root, timeout=relay_factory.config.idle_timeout, reactor=relay_factory.reactor)
+    return RelaySite(root, timeout=relay_factory.config.idle_timeout, reactor=relay_factory.reactor)
