@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "members": 16, "publishers": 8, "clients": 40, "rooms": 8, "rate": 20.0, "duration": 600.0,
         "mix": "rst=3,leave=3,slow=1,never=1,garbage=2,oversize=1,trickle=1,churn=2,publisher=2",
         # The allocator's high-water marks settle over the first minutes.
-        "warmup": 120.0,
+        "warmup": 180.0,
     },
 }
 PROGRESS_INTERVAL = 1.0
