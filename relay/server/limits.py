@@ -88,14 +88,15 @@ def parse_rate(value: str) -> float:
 parse_rate.coerceDoc = "N/s or N/min; 0 turns it off."  # type: ignore[attr-defined]
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An option's value as a positive integer (usage.Options coerce)."""
     number = int(value)
     if number <= 0:
         raise ValueError(f"{value} is not a positive integer")
     return number
 
 
-_positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
+positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
 
 
 def _non_negative_float(value: str) -> float:
@@ -110,11 +111,11 @@ _non_negative_float.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-
 
 OPTIONS = [
     ["rate-limit", None, None, "Publishes per second per connection (N/s); past it RATE_LIMITED [default: off]", parse_rate],
-    ["rate-burst", None, None, "Publishes a connection may send at once under --rate-limit [default: one second's worth]", _positive_int],
+    ["rate-burst", None, None, "Publishes a connection may send at once under --rate-limit [default: one second's worth]", positive_int],
     ["byte-rate", None, None, "Published bytes per second per connection (KiB, MiB suffixes) [default: off]", parse_size],
     ["join-rate", None, 20.0, "Room joins per second per connection, after a burst of --max-rooms plus one second's worth (N/s; 0 turns it off).", parse_rate],
-    ["rate-strikes", None, 50, "RATE_LIMITED refusals within 10 s that close the connection.", _positive_int],
-    ["max-connections-per-ip", None, None, "Connections from one IPv4 address or IPv6 /64 [default: off]", _positive_int],
+    ["rate-strikes", None, 50, "RATE_LIMITED refusals within 10 s that close the connection.", positive_int],
+    ["max-connections-per-ip", None, None, "Connections from one IPv4 address or IPv6 /64 [default: off]", positive_int],
     ["hello-timeout", None, 10.0, "Seconds a new connection has to send its first complete frame (with authentication: its HELLO with a token); 0 for no deadline.", _non_negative_float],
     ["max-pending-total", None, 1024**3, "Bytes queued for all paused clients together; past it the largest queues are cut off (KiB, MiB, GiB suffixes).", parse_positive_size],
     ["send-buffer", None, 256 * 1024, "Kernel send buffer of each client socket, in bytes (0 leaves the kernel's autotuning).", parse_size],

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from relay.rlimits import open_file_limit, raise_open_file_limit
 from relay.server import auth, backplane, limits, logs, metrics, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.limits import positive_int as _positive_int
 from relay.server.signals import StopSignals
 
 log = Logger()
@@ -62,16 +63,6 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
     if any(field.lower().startswith("backlog=") for field in fields[1:]):
         return description
     return f"{description}:backlog={backlog}"
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"{value} is not a positive integer")
-    return number
-
-
-_positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
 
 
 def _non_negative_int(value: str) -> int:
