@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay.requests import MAX_USER_ID, has_control_character
+from relay.server.limits import non_negative_seconds
 from relay.wire import ErrorCode, ProtocolError
 
 log = Logger()
@@ -518,21 +519,12 @@ class ReloadOnHangup(service.Service):
 # Command-line options (added to ``twistd relay``'s by relay.server.tap)
 
 
-def _non_negative_seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds >= 0 or seconds == math.inf:
-        raise ValueError(f"{value} is not a number of seconds")
-    return seconds
-
-
-_non_negative_seconds.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
-
 OPTIONS: list[list[Any]] = [
     ["auth-tokens", None, None, "JSON file of API keys (key -> {user, rooms, publish}); authentication is then required. Re-read on SIGHUP."],
     ["jwt-key", None, None, "HS256 secret file, or PEM public key (RS256, ES256, EdDSA), verifying JWT tokens; authentication is then required. Re-read on SIGHUP."],
     ["jwt-audience", None, None, "JWTs must carry this audience (aud)."],
     ["jwt-issuer", None, None, "JWTs must carry this issuer (iss)."],
-    ["jwt-leeway", None, DEFAULT_LEEWAY, "Seconds of tolerance on a JWT's exp and nbf; a connection is closed at exp plus this.", _non_negative_seconds],
+    ["jwt-leeway", None, DEFAULT_LEEWAY, "Seconds of tolerance on a JWT's exp and nbf; a connection is closed at exp plus this.", non_negative_seconds],
     ["anonymous-rooms", None, None, "Comma-separated room patterns clients without a token may join (read-only), with --allow-anonymous."],
 ]
 FLAGS: list[list[Any]] = [

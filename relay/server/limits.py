@@ -99,14 +99,15 @@ def positive_int(value: str) -> int:
 positive_int.coerceDoc = "Must be a positive integer."  # type: ignore[attr-defined]
 
 
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0:
+def non_negative_seconds(value: str) -> float:
+    """An option's value as a finite number of seconds, 0 or more (usage.Options coerce)."""
+    seconds = float(value)
+    if not 0 <= seconds < math.inf:
         raise ValueError(f"{value} is not a number of seconds")
-    return number
+    return seconds
 
 
-_non_negative_float.coerceDoc = "Seconds; 0 turns it off."  # type: ignore[attr-defined]
+non_negative_seconds.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 OPTIONS = [
@@ -116,7 +117,7 @@ OPTIONS = [
     ["join-rate", None, 20.0, "Room joins per second per connection, after a burst of --max-rooms plus one second's worth (N/s; 0 turns it off).", parse_rate],
     ["rate-strikes", None, 50, "RATE_LIMITED refusals within 10 s that close the connection.", positive_int],
     ["max-connections-per-ip", None, None, "Connections from one IPv4 address or IPv6 /64 [default: off]", positive_int],
-    ["hello-timeout", None, 10.0, "Seconds a new connection has to send its first complete frame (with authentication: its HELLO with a token); 0 for no deadline.", _non_negative_float],
+    ["hello-timeout", None, 10.0, "Seconds a new connection has to send its first complete frame (with authentication: its HELLO with a token); 0 for no deadline.", non_negative_seconds],
     ["max-pending-total", None, 1024**3, "Bytes queued for all paused clients together; past it the largest queues are cut off (KiB, MiB, GiB suffixes).", parse_positive_size],
     ["send-buffer", None, 256 * 1024, "Kernel send buffer of each client socket, in bytes (0 leaves the kernel's autotuning).", parse_size],
 ]
