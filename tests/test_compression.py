@@ -14,8 +14,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from relay.client import RelayClientProtocol
 from relay.compression import InflatingDecoder, compress_frame, inflate
 from relay.server import compression as server_compression
 from relay.server.factory import RelayConfig, RelayFactory
@@ -359,3 +361,69 @@ class ByteRateTests(ServerTestCase):
         bob.send(encode(MessageType.MESSAGE, JSON_COMPRESSED, packed))
         replies = bob.replies()
         self.assertEqual([(body["code"], body["id"]) for _, body in replies], [("RATE_LIMITED", 1)])
+
+
+def client_hello_ack(request_id: int, features: list[str], max_frame_size: int = 1 << 20) -> bytes:
+    return encode_json(MessageType.HELLO, {
+        "id": request_id, "status": "connected", "connectionId": "c0ffee", "userId": "alice",
+        "serverVersion": "test", "heartbeatInterval": 30, "maxFrameSize": max_frame_size,
+        "features": features,
+    })
+
+
+class ClientUnitTests(unittest.TestCase):
+    """The client library against a fake server made of frames."""
+
+    def connect(self, features: list[str], **options: Any) -> None:
+        self.client = RelayClientProtocol(Clock(), user="alice", compression=True, **options)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        (hello,) = self.sent()
+        self.hello = loads(hello.payload)
+        self.ack = client_hello_ack(self.hello["id"], features)
+
+    def sent(self) -> list[Frame]:
+        frames = list(Decoder(2**31 - 1, allow_compressed=True).feed(self.transport.value()))
+        self.transport.clear()
+        return frames
+
+    def test_it_asks_for_compression_and_compresses_large_messages_once_enabled(self) -> None:
+        self.connect(["compression"])
+        self.assertEqual(self.hello["features"], ["compression"])
+        self.client.dataReceived(self.ack)
+        self.assertTrue(self.client.compression_enabled)
+        self.client.send("lobby", "x" * 2000)
+        self.client.send("lobby", "small")
+        self.client.send_binary("lobby", b"y" * 2000)
+        big, small, binary = self.sent()
+        self.assertEqual((big.flags, small.flags, binary.flags), (JSON_COMPRESSED, Flags.JSON, BINARY_COMPRESSED))
+        self.assertEqual(loads(zlib.decompress(big.payload))["content"], "x" * 2000)
+        self.assertEqual(zlib.decompress(binary.payload), encode_binary_message("lobby", b"y" * 2000))
+
+    def test_nothing_is_compressed_when_the_server_does_not_enable_it(self) -> None:
+        self.connect([])
+        self.client.dataReceived(self.ack)
+        self.assertFalse(self.client.compression_enabled)
+        self.client.send("lobby", "x" * 2000)
+        (frame,) = self.sent()
+        self.assertEqual(frame.flags, Flags.JSON)
+        compressed = encode(MessageType.MESSAGE, JSON_COMPRESSED, zlib.compress(b'{"room":"r"}'))
+        self.client.dataReceived(compressed)  # 0x04 was not negotiated: a violation
+        self.assertIsInstance(self.client.close_reason.value, ProtocolError)
+
+    def test_a_compressed_delivery_in_the_read_of_the_hello_ack_is_inflated(self) -> None:
+        self.connect(["compression"])
+        heard: list[Any] = []
+        self.client.on_message = heard.append
+        delivery = compress_frame(delivery_bytes("hello " * 500))
+        self.assertNotEqual(delivery, delivery_bytes("hello " * 500))
+        self.client.dataReceived(self.ack + delivery)
+        self.assertEqual([(m.sender, m.content) for m in heard], [("alice", "hello " * 500)])
+
+    def test_a_delivery_inflating_past_the_frame_limit_closes_the_connection(self) -> None:
+        self.connect(["compression"])
+        self.client.dataReceived(client_hello_ack(self.hello["id"], ["compression"], max_frame_size=4096))
+        bomb = encode(MessageType.MESSAGE, JSON_COMPRESSED, zlib.compress(b"[" + b"0," * 100_000 + b"0]"))
+        self.client.dataReceived(bomb)
+        self.assertEqual(self.client.close_reason.value.code, ErrorCode.FRAME_TOO_LARGE)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
