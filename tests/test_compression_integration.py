@@ -16,9 +16,11 @@ from twisted.internet import endpoints, reactor
 from twisted.trial import unittest
 
 from relay.client import Message, RelayClientProtocol, connect
+from relay.server.tap import Options, makeService
 from relay.wire import Decoder, Flags, Frame, MessageType, dumps, loads
 from tests.cluster_support import ClusterNodes, OutputWatcher, RedisServer, listening_ports
 from tests.cluster_support import connect as connect_node
+from tests.scrape import base_url, scrape
 from tests.support import FrameClient, IntegrationTestCase
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,3 +239,28 @@ class ClusterTests(unittest.TestCase):
                 self.assertEqual((body["from"], body["content"], body["seq"]), ("alice", f"{seq} {noise}", seq))
         self.assertEqual(node_b.factory.compressor.compressions, 2)
         self.assertEqual(node_a.factory.compressor.compressions, 0)
+
+
+class MetricsTests(unittest.TestCase):
+    async def test_a_scrape_counts_broadcasts_compressed_and_their_bytes(self) -> None:
+        options = Options()
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"])
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        port = service.listening_ports[0].getHost().port
+        alice, bob = RawFrameClient(), RawFrameClient()
+        for client, name in ((alice, "alice"), (bob, "bob")):
+            await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+            self.addCleanup(lambda c=client: c.connected and c.transport.abortConnection())
+            await raw_member(client, name, compressing=True)
+        for _ in range(2):
+            alice.send_json(MessageType.MESSAGE, {"room": "lobby", "content": "m" * 3000})
+            self.assertEqual((await bob.next_frame()).flags, JSON_COMPRESSED)
+        values = await scrape(base_url(service.metrics_ports[0]))
+        compressor = service.factory.compressor
+        self.assertEqual(values.value("relay_compressed_broadcasts_total"), 2)
+        self.assertEqual(values.value("relay_compression_input_bytes_total"), compressor.bytes_before)
+        self.assertEqual(values.value("relay_compression_output_bytes_total"), compressor.bytes_after)
+        self.assertGreater(compressor.bytes_before, 2 * 3000)
+        self.assertLess(compressor.bytes_after, 400)

@@ -15,7 +15,7 @@ sent as they are: they are small, and a client reads both forms anyway.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from relay.compression import DEFAULT_COMPRESS_LEVEL, DEFAULT_COMPRESS_MIN, compress_frame
 from relay.server.fanout import Fanout
@@ -100,6 +100,28 @@ class DeliveryCompressor:
             enqueue(frame)
 
         return compressing_enqueue
+
+
+def metrics_source(compressor: DeliveryCompressor) -> Callable[[], Iterable[Any]]:
+    """A ``RelayCollector`` source: what compression did, read at scrape time."""
+    from prometheus_client.core import CounterMetricFamily
+
+    def collect() -> Iterable[Any]:
+        yield CounterMetricFamily(
+            "relay_compressed_broadcasts",
+            "Deliveries compressed, once each for every compressing member of a room on this node.",
+            value=compressor.compressions,
+        )
+        yield CounterMetricFamily(
+            "relay_compression_input_bytes", "Bytes of the frames compressed.", value=compressor.bytes_before
+        )
+        yield CounterMetricFamily(
+            "relay_compression_output_bytes",
+            "Bytes of their compressed forms (the frame itself where zlib did not shrink it).",
+            value=compressor.bytes_after,
+        )
+
+    return collect
 
 
 def _decline(fanout: Fanout) -> bool:

@@ -19,6 +19,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay.compression import DEFAULT_COMPRESS_LEVEL, DEFAULT_COMPRESS_MIN
 from relay.server.backplane import (
     DEFAULT_CLUSTER_NAME,
     DEFAULT_MEMBERSHIP_TTL,
@@ -33,7 +34,6 @@ from relay.server.fanout import Batch
 from relay.server.limits import ServerLimits
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
-from relay.compression import DEFAULT_COMPRESS_LEVEL, DEFAULT_COMPRESS_MIN
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
 
 log = Logger()

@@ -221,6 +221,7 @@ class RelayService(service.MultiService):
     def serve_metrics(self, description: str) -> metrics.Metrics:
         """Serve /metrics, /healthz, /rooms and the dashboard on ``description``."""
         self.metrics = metrics.Metrics(self.factory)
+        self.metrics.collector.add_source(compression.metrics_source(self.factory.compressor))
         if self.factory.config.redis is not None:
             # The cluster's link: in the metrics, and /healthz is 503 while it is down.
             self.metrics.collector.add_source(metrics.backplane_source(self.factory.backplane))
