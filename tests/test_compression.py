@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import random
+import sys
 import tracemalloc
 import weakref
 import zlib
@@ -20,6 +21,7 @@ from twisted.trial import unittest
 from relay.client import RelayClientProtocol
 from relay.compression import InflatingDecoder, compress_frame, inflate
 from relay.server import compression as server_compression
+from relay.server.compression import DeliveryCompressor
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.rooms import ForwardingRoom
 from relay.wire import (
@@ -149,6 +151,30 @@ class InflatingDecoderTests(unittest.TestCase):
         packed = compress_frame(frame)
         self.assertLess(len(packed), len(frame))
         self.assertEqual(list(reader().feed(packed)), list(Decoder().feed(frame)))
+
+
+class DeliveryCompressorTests(unittest.TestCase):
+    def test_the_variant_is_made_once_per_frame_object(self) -> None:
+        compressor = DeliveryCompressor(level=1, minimum=10)
+        frame = delivery_bytes("c" * 2000)
+        twin = bytes(bytearray(frame))  # equal bytes, another object: another broadcast
+        variants = [compressor.variant(frame) for _ in range(50)]
+        self.assertEqual(compressor.compressions, 1)
+        self.assertTrue(all(variant is variants[0] for variant in variants))
+        self.assertEqual(zlib.decompress(variants[0][7:]), frame[7:])
+        self.assertIsNot(twin, frame)
+        compressor.variant(twin)
+        self.assertEqual(compressor.compressions, 2)
+        self.assertEqual((compressor.bytes_before, compressor.bytes_after), (2 * len(frame), 2 * len(variants[0])))
+
+    def test_it_keeps_only_the_last_frame_and_its_variant(self) -> None:
+        compressor = DeliveryCompressor()
+        first = delivery_bytes("a" * 5000)
+        unheld = sys.getrefcount(first)
+        compressor.variant(first)
+        self.assertEqual(sys.getrefcount(first), unheld + 1)
+        compressor.variant(delivery_bytes("b" * 5000))
+        self.assertEqual(sys.getrefcount(first), unheld)
 
 
 class ServerTestCase(unittest.TestCase):
