@@ -264,3 +264,32 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(values.value("relay_compression_output_bytes_total"), compressor.bytes_after)
         self.assertGreater(compressor.bytes_before, 2 * 3000)
         self.assertLess(compressor.bytes_after, 400)
+
+
+class WebSocketTests(unittest.TestCase):
+    async def test_a_websocket_client_and_a_tcp_client_exchange_compressed_messages(self) -> None:
+        from relay.server import websocket
+        from relay.server.factory import RelayFactory
+
+        factory = RelayFactory(reactor=reactor)
+        self.addCleanup(factory.wait_closed)
+        ports = []
+        for site in (websocket.make_site(factory), factory):
+            port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+            self.addCleanup(port.stopListening)
+            ports.append(port.getHost().port)
+        web = await connect(reactor, f"ws://127.0.0.1:{ports[0]}/relay", user="web", compression=True)
+        tcp = await connect(reactor, f"tcp:host=127.0.0.1:port={ports[1]}", user="tcp", compression=True)
+        for client in (web, tcp):
+            self.addCleanup(client.disconnect)
+            self.assertTrue(client.compression_enabled)
+            await client.join("mixed")
+        from_web, from_tcp = "w" * 5000, b"t" * 5000
+        heard_by_tcp, heard_by_web = messages(tcp, 1), messages(web, 1)
+        await web.send("mixed", from_web)
+        await tcp.send_binary("mixed", from_tcp)
+        ((to_tcp,), (to_web,)) = (await heard_by_tcp, await heard_by_web)
+        self.assertEqual((to_tcp.sender, to_tcp.content), ("web", from_web))
+        self.assertEqual((to_web.sender, to_web.data), ("tcp", from_tcp))
+        self.assertEqual(factory.compressor.compressions, 2)
+        self.assertLess(factory.stats.bytes_out, 5000)
