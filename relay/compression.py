@@ -70,7 +70,7 @@ def inflate(payload: bytes, limit: int) -> bytes:
 
 def inflate_frame(frame: Frame, max_frame_size: int) -> Frame:
     """``frame`` as it was before compression, its length within ``max_frame_size``."""
-    payload = inflate(frame.payload, max_frame_size - MIN_LENGTH)
+    payload = inflate(frame.payload, max(0, max_frame_size - MIN_LENGTH))
     return Frame(frame.type, frame.flags & _NOT_COMPRESSED, payload)
 
 
