@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from relay.client import RelayClientProtocol
@@ -24,6 +25,7 @@ from relay.server import compression as server_compression
 from relay.server.compression import DeliveryCompressor
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.rooms import ForwardingRoom
+from relay.server.tap import Options
 from relay.wire import (
     Decoder,
     ErrorCode,
@@ -453,3 +455,21 @@ class ClientUnitTests(unittest.TestCase):
         self.client.dataReceived(bomb)
         self.assertEqual(self.client.close_reason.value.code, ErrorCode.FRAME_TOO_LARGE)
         self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
+
+class OptionTests(unittest.TestCase):
+    def test_the_options_become_the_config(self) -> None:
+        options = Options()
+        options.parseOptions(["--compress-min", "2KiB", "--compress-level", "6"])
+        config = options.config()
+        self.assertEqual((config.compress_min, config.compress_level), (2048, 6))
+        factory = RelayFactory(config, reactor=Clock())
+        self.assertEqual((factory.compressor.threshold, factory.compressor.level), (2048 + 7, 6))
+        defaults = Options()
+        defaults.parseOptions([])
+        self.assertEqual((defaults.config().compress_min, defaults.config().compress_level), (1024, 1))
+
+    def test_a_level_outside_1_to_9_is_a_usage_error(self) -> None:
+        for level in ("0", "10", "fast"):
+            with self.assertRaises(UsageError, msg=level):
+                Options().parseOptions(["--compress-level", level])

@@ -36,8 +36,8 @@ def parse_level(value: str) -> int:
 parse_level.coerceDoc = "From 1 (fastest) to 9 (smallest)."  # type: ignore[attr-defined]
 
 OPTIONS = [
-    ["compress-min", None, DEFAULT_COMPRESS_MIN, "Deliveries to clients that enabled compression are compressed when their payload is over this many bytes (KiB, MiB suffixes).", parse_size],
-    ["compress-level", None, DEFAULT_COMPRESS_LEVEL, "zlib level of compressed deliveries, 1 (fastest) to 9 (smallest).", parse_level],
+    ["compress-min", None, DEFAULT_COMPRESS_MIN, "Deliveries to clients that enabled compression are compressed when their payload is over this many bytes.", parse_size],
+    ["compress-level", None, DEFAULT_COMPRESS_LEVEL, "zlib level of compressed deliveries.", parse_level],
 ]
 
 
