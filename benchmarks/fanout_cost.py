@@ -16,7 +16,9 @@ divided by the messages of 2 rounds is the cost of one message:
     # instructions per message = (second - first) / (2 * 10 * PER_READ)
 
 Environment: MEMBERS (10), SIZE of the content (40), PER_READ (1000),
-BINARY=1 for binary messages.
+BINARY=1 for binary messages, COMPRESSING (0): how many of the members
+enable the compression extension, CONTENT: a JSON file to publish as
+the content instead of SIZE filler characters.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from relay.server.factory import RelayConfig, RelayFactory
-from relay.wire import Flags, MessageType, encode, encode_binary_message, encode_json
+from relay.wire import Flags, MessageType, encode, encode_binary_message, encode_json, loads
 
 MEMBERS = int(os.environ.get("MEMBERS", "10"))
 SIZE = int(os.environ.get("SIZE", "40"))
 PER_READ = int(os.environ.get("PER_READ", "1000"))
+COMPRESSING = int(os.environ.get("COMPRESSING", "0"))
 
 
 class DiscardingTransport(StringTransport):
@@ -44,11 +48,12 @@ class DiscardingTransport(StringTransport):
         pass
 
 
-def joined(factory: RelayFactory, user: str):
+def joined(factory: RelayFactory, user: str, features: tuple[str, ...] = ()):
     protocol = factory.buildProtocol(None)
     protocol.makeConnection(StringTransport())
+    hello = {"userId": user, "features": list(features)} if features else {"userId": user}
     protocol.dataReceived(
-        encode_json(MessageType.HELLO, {"userId": user})
+        encode_json(MessageType.HELLO, hello)
         + encode_json(MessageType.JOIN_ROOM, {"room": "room"})
     )
     protocol.transport = DiscardingTransport()
@@ -58,7 +63,11 @@ def joined(factory: RelayFactory, user: str):
 def message() -> bytes:
     if os.environ.get("BINARY"):
         return encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("room", b"x" * SIZE))
-    return encode_json(MessageType.MESSAGE, {"room": "room", "content": "x" * SIZE})
+    content: Any = "x" * SIZE
+    if os.environ.get("CONTENT"):
+        with open(os.environ["CONTENT"], "rb") as file:
+            content = loads(file.read())
+    return encode_json(MessageType.MESSAGE, {"room": "room", "content": content})
 
 
 def main() -> None:
@@ -66,7 +75,7 @@ def main() -> None:
     factory = RelayFactory(RelayConfig(), reactor=Clock())
     publisher = joined(factory, "publisher")
     for index in range(MEMBERS):
-        joined(factory, f"subscriber-{index}")
+        joined(factory, f"subscriber-{index}", ("compression",) if index < COMPRESSING else ())
     read = message() * PER_READ
     best = float("inf")
     for _ in range(rounds):

@@ -114,6 +114,8 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual((config.subscribers, config.rooms, config.size), (7, 2, 16384))
         self.assertTrue(config.binary)
         self.assertTrue(as_json)
+        self.assertFalse(config.compress)
+        self.assertTrue(parse_args(["--compress"])[0].compress)
 
 
 class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
@@ -146,6 +148,16 @@ class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
         self.assertEqual(report["duplicated"], 0)
         self.assertEqual(report["lost_connections"], 0)
         self.assertGreater(report["latency_ms"]["samples"], 0)
+
+    async def test_compressed_run_delivers_compressed_frames_without_loss(self) -> None:
+        report = await self._bench(compress=True, size=16384)
+        self.assertGreater(report["received"], 0)
+        self.assertEqual((report["lost"], report["duplicated"]), (0, 0))
+        self.assertGreater(report["latency_ms"]["samples"], 0)  # stamps read through zlib
+        # Each broadcast compressed once, and what was written is far smaller.
+        compressor = self.factory.compressor
+        self.assertEqual(compressor.compressions, self.factory.stats.messages_published)
+        self.assertLess(compressor.bytes_after * 20, compressor.bytes_before)
 
     async def test_binary_run_at_a_fixed_rate_delivers_without_loss(self) -> None:
         report = await self._bench(binary=True, rate=200.0, size=1024, rooms=2, publishers=2)

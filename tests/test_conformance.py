@@ -448,7 +448,7 @@ class HelloTests(RelayCase):
             ack = c.hello(
                 userId="u",
                 token="anything",
-                features=["compression", "x-future"],
+                features=["x-future", "x-other"],
                 echo=False,
                 somethingNew={"a": 1},
                 id="h",

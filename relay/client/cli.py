@@ -631,6 +631,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              help="read the token from FILE before every connection, so a file "
                                   "kept fresh by its issuer renews the login")
     parser.add_argument("--echo", action="store_true", help="also show your own messages")
+    parser.add_argument(
+        "--compress", action="store_true",
+        help="ask for the compression extension: large messages travel zlib-compressed both ways",
+    )
     parser.add_argument("--ca-file", help="PEM certificates to trust for tls: and wss://")
     parser.add_argument("--client-cert", help="PEM client certificate with its private key")
     parser.add_argument(
@@ -726,6 +730,7 @@ def _build_client(reactor: Any, options: argparse.Namespace) -> ReconnectingClie
         return ReconnectingClient(
             reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
             ca_file=options.ca_file, client_cert=options.client_cert, acks=True,
+            compression=options.compress,
             token_provider=provider,
         )
     except Exception as problem:  # a bad description, an unreadable PEM file...

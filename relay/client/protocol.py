@@ -27,8 +27,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import __version__
+from relay.compression import (
+    COMPRESSION,
+    DEFAULT_COMPRESS_LEVEL,
+    DEFAULT_COMPRESS_MIN,
+    InflatingDecoder,
+    compress_frame,
+)
 from relay.wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
     MAX_ENVELOPE,
     Decoder,
     ErrorCode,
@@ -201,14 +209,25 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
 
     ``acks=True`` asks the server for the ``acks`` extension; once the HELLO
     ack lists it (``acks_enabled``), ``send()`` waits for the server's answer.
+
+    ``compression=True`` asks for the ``compression`` extension; once the
+    HELLO ack lists it (``compression_enabled``), compressed deliveries are
+    inflated (bounded by the frame limit, like any frame) and MESSAGE
+    payloads over ``compress_min`` bytes are sent compressed.
     """
 
     def __init__(self, reactor: Any, user: str | None = None, token: str | None = None,
-                 echo: bool = False, acks: bool = False) -> None:
+                 echo: bool = False, acks: bool = False, compression: bool = False,
+                 compress_min: int = DEFAULT_COMPRESS_MIN) -> None:
         self._reactor = reactor
         self.callLater = reactor.callLater  # for TimeoutMixin
-        self._hello = _hello_body(user, token, echo, [ACKS] if acks else [])
+        features = ([ACKS] if acks else []) + ([COMPRESSION] if compression else [])
+        self._hello = _hello_body(user, token, echo, features)
         self._asked_acks = acks
+        self._asked_compression = compression
+        # Frames longer than this are sent compressed, once negotiated.
+        self._compress_above: int | None = None
+        self._compress_min = compress_min
         # Ids of sends written before the HELLO ack said whether acks are on.
         self._unconfirmed_sends: set[int] = set()
         self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE)
@@ -253,6 +272,11 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         """Whether the server acknowledges each accepted ``send()``."""
         return self._asked_acks and ACKS in self.features
 
+    @property
+    def compression_enabled(self) -> bool:
+        """Whether frames with flag 0x04 (zlib payloads) may flow both ways."""
+        return self._asked_compression and COMPRESSION in self.features
+
     def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Join ``room``; fires with the ack body (``room``, ``members``)."""
         return self._request(MessageType.JOIN_ROOM, {"room": room})
@@ -280,7 +304,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         accepted = self._expect(request_id)
         if not self.ready.called:
             self._unconfirmed_sends.add(request_id)
-        self.transport.write(frame)
+        self.transport.write(self._compressed(frame))
         return accepted.addCallback(lambda ack: ack.get("seq"))
 
     def send_binary(self, room: str, data: bytes) -> defer.Deferred[None]:
@@ -372,10 +396,14 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         if self._closing:
             return  # nothing is read after a fatal ERROR or a violation
         self.resetTimeout()
+        decoder = self._decoder
         try:
-            for frame in self._decoder.feed(data):
+            for frame in decoder.feed(data):
                 self._dispatch(frame)
                 if self._closing:
+                    return
+                if self._decoder is not decoder:  # compression: the rest is read by the new one
+                    self.dataReceived(b"")
                     return
         except ProtocolError as violation:
             log.error("The Relay server broke the protocol: {error}", error=violation)
@@ -465,6 +493,9 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self.max_frame_size = int(body.get("maxFrameSize", DEFAULT_MAX_FRAME_SIZE))
         # Deliveries may exceed the frame limit by the server's envelope.
         self._decoder.max_frame_size = self.max_frame_size + MAX_ENVELOPE
+        if self.compression_enabled:
+            self._decoder = InflatingDecoder(self._decoder)
+            self._compress_above = self._compress_min + HEADER_SIZE
         interval = float(body.get("heartbeatInterval", 0))
         if interval > 0:
             self._heartbeat = task.LoopingCall(self._send_ping, None)
@@ -518,8 +549,19 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         problem = self._unsendable(frame)
         if problem is not None:
             return defer.fail(problem)
-        self.transport.write(frame)
+        self.transport.write(self._compressed(frame))
         return defer.succeed(None)
+
+    def _compressed(self, frame: bytes) -> bytes:
+        """``frame`` compressed when negotiated and its payload is over ``compress_min``.
+
+        The server bounds the inflated frame by its limit, as the plain one:
+        ``_unsendable`` checks the frame before it is compressed.
+        """
+        above = self._compress_above
+        if above is not None and len(frame) > above:
+            return compress_frame(frame, DEFAULT_COMPRESS_LEVEL)
+        return frame
 
     def _unsendable(self, frame: bytes) -> Exception | None:
         """Why ``frame`` cannot be written now, or None if it can."""

@@ -158,6 +158,7 @@ class ReconnectingClient:
     def __init__(self, reactor: Any, description: str, *, user: str | None = None,
                  token: str | None = None, echo: bool = False, ca_file: str | None = None,
                  client_cert: str | None = None, acks: bool = False,
+                 compression: bool = False,
                  retry_policy: Callable[[int], float] | None = None,
                  token_provider: TokenProvider | None = None) -> None:
         if token is not None and token_provider is not None:
@@ -165,7 +166,9 @@ class ReconnectingClient:
         self.reactor = reactor
         self.description = description
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
-        self.factory = RelayClientFactory(reactor, user=user, token=token, echo=echo, acks=acks)
+        self.factory = RelayClientFactory(
+            reactor, user=user, token=token, echo=echo, acks=acks, compression=compression
+        )
         self.rooms: dict[str, None] = {}  # ordered set of acked room names
         self.client: RelayClientProtocol | None = None
         self.on_connected: Callable[[RelayClientProtocol], Any] | None = None

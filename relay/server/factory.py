@@ -19,6 +19,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay.compression import DEFAULT_COMPRESS_LEVEL, DEFAULT_COMPRESS_MIN
 from relay.server.backplane import (
     DEFAULT_CLUSTER_NAME,
     DEFAULT_MEMBERSHIP_TTL,
@@ -28,6 +29,7 @@ from relay.server.backplane import (
     RedisAddress,
 )
 from relay.server.auth import Authenticator
+from relay.server.compression import DeliveryCompressor
 from relay.server.fanout import Batch
 from relay.server.limits import ServerLimits
 from relay.server.protocol import IMessageTransport, RelayProtocol
@@ -71,6 +73,10 @@ class RelayConfig:
     max_connections_per_ip: int | None = None
     max_pending_total: int = 1024**3
     send_buffer: int = 256 * 1024
+    # The compression extension (relay.server.compression): deliveries to
+    # connections that enabled it, over compress_min payload bytes.
+    compress_min: int = DEFAULT_COMPRESS_MIN
+    compress_level: int = DEFAULT_COMPRESS_LEVEL
 
     @property
     def heartbeat_interval(self) -> int:
@@ -146,6 +152,8 @@ class RelayFactory(ServerFactory):
         # Who connections are and where they may go; None: no authentication.
         self.auth = auth
         self.limits = ServerLimits(self.config, reactor.seconds)
+        # Compressed deliveries, made once per broadcast for all who asked.
+        self.compressor = DeliveryCompressor(self.config.compress_level, self.config.compress_min)
         self._closed_waiters: list[defer.Deferred[None]] = []
         # True from the start of shutdown: /healthz then answers 503.
         self.shutting_down = False

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from relay import __version__
+from relay.compression import COMPRESSION, InflatingDecoder
 from relay.requests import (
     Hello,
     RequestError,
@@ -69,7 +70,7 @@ log = Logger()
 # HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
 ACKS = "acks"
 # The extensions this server offers, in the order its HELLO ack lists them.
-SUPPORTED_FEATURES = (ACKS,)
+SUPPORTED_FEATURES = (ACKS, COMPRESSION)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -99,7 +100,8 @@ _ALLOWED_TRANSITIONS = {
 
 
 class _Held(Exception):
-    """Stops handling the frames of a read until a cluster join is counted."""
+    """Stops handling the frames of a read: until a cluster join is counted,
+    or because a new decoder took the rest of it."""
 
 
 class IMessageTransport(Interface):
@@ -273,6 +275,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         # Break the cycles through bound methods and buffers, so reference
         # counting frees the connection without the cyclic collector.
         self._handlers.clear()
+        vars(self).pop("enqueue", None)  # a delivery variant's override (compression)
         self._decoder = None
         self._close_call = None
 
@@ -427,6 +430,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.echo = hello.echo
         enabled = negotiate_features(hello.features)
         self.acks = ACKS in enabled
+        compressing = COMPRESSION in enabled
+        if compressing:  # relay.server.compression
+            self._decoder = InflatingDecoder(self._decoder)
+            self.factory.compressor.serve(self)
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -441,6 +448,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
             },
             request_id,
         )
+        if compressing:
+            self._decode_rest()
+
+    def _decode_rest(self) -> NoReturn:
+        """The decoder changed: the new one decodes the rest of this read
+        (a compressed frame may follow the HELLO), and the old loop stops."""
+        self.dataReceived(b"")
+        raise _Held()
 
     def _on_join(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1

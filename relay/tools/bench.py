@@ -27,6 +27,7 @@ import resource
 import struct
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 
+from relay.compression import COMPRESSION, compress_frame
 from relay.rlimits import raise_open_file_limit
 from relay.wire import (
     HEADER,
@@ -80,6 +82,7 @@ _U16 = struct.Struct("!H")
 JSON_DELIVERY_MARKER = bytes([VERSION, MessageType.MESSAGE, Flags.JSON]) + b'{"'
 CONTENT_KEY = b'"content":"'
 _BINARY = int(Flags.BINARY)  # IntFlag arithmetic is slow
+_COMPRESSED = int(Flags.COMPRESSED)
 PERCENTILES = (50, 90, 99)
 MB = 1_000_000
 
@@ -112,6 +115,8 @@ class BenchConfig:
     metrics_url: str | None = None
     # Sent in every HELLO (which then names no user: the token does); never reported.
     token: str | None = field(default=None, repr=False)
+    # Every connection enables the compression extension; publishers compress.
+    compress: bool = False
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -171,6 +176,8 @@ def binary_message(room: str, size: int) -> tuple[bytes, bytes]:
 
 def delivery_stamp(flags: int, payload: bytes) -> float | None:
     """The send time carried by a delivered MESSAGE, or None."""
+    if flags & _COMPRESSED:  # the head of the stream inflates on its own
+        payload = zlib.decompressobj().decompress(payload, SAMPLE_HEAD)
     if flags & _BINARY:
         offset = 0
         for _ in range(2):  # room, then sender
@@ -197,6 +204,7 @@ class BenchConnection(Protocol):
     """
 
     token: str | None = None
+    compress = False
 
     def __init__(self, name: str, room: str, on_lost: Callable[[BenchConnection], None]) -> None:
         self.name = name
@@ -218,6 +226,8 @@ class BenchConnection(Protocol):
             hello["userId"] = self.name
         else:
             hello["token"] = self.token
+        if self.compress:
+            hello["features"] = [COMPRESSION]
         self.transport.write(
             encode_json(MessageType.HELLO, hello)
             + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
@@ -381,6 +391,8 @@ class Publisher(BenchConnection):
         if count <= 0 or not self.connected_:
             return
         message = self._before + stamp(self._clock()) + self._after
+        if self.compress:
+            message = compress_frame(message)
         self.transport.write(message * count if count > 1 else message)
         self.published += count
 
@@ -586,7 +598,8 @@ class Bench:
         config = self.config
         sample_every = 1 if config.rate else SAMPLE_EVERY
         connections: list[BenchConnection] = []
-        counter = LengthWalker if config.binary else MarkerCounter
+        # Compressed deliveries have no marker to count: walk their lengths.
+        counter = LengthWalker if config.binary or config.compress else MarkerCounter
         for index in range(config.subscribers):
             room = self.rooms[index % config.rooms]
             name = f"bench-sub-{index}"
@@ -617,6 +630,7 @@ class Bench:
             connections.append(publisher)
         for connection in connections:
             connection.token = config.token
+            connection.compress = config.compress
         return connections
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
@@ -914,6 +928,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--window", type=_count, default=defaults.window, help="At full speed, messages a publisher may be ahead of its room's tracker; 0 picks one from --size [%(default)s].")
     add("--drain", type=_seconds, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
+    add("--compress", action="store_true", help="Enable the compression extension on every connection; publishers send compressed frames.")
     add("--server-pid", type=_positive_int, action="append", default=[], help="Report this process's CPU and memory as the server's; repeat for a cluster's nodes and Redis (summed).")
     add("--metrics-url", default=None, help="The server's metrics URL (e.g. http://127.0.0.1:9100/metrics): report its own counts of the run.")
     add("--publisher-endpoint", default=None, help="Connect the publishers here instead of --endpoint (another node of a cluster).")
@@ -949,6 +964,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         progress=not args.quiet,
         metrics_url=args.metrics_url,
         token=token,
+        compress=args.compress,
     )
     return config, args.json
 
