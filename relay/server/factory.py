@@ -29,6 +29,7 @@ from relay.server.backplane import (
 )
 from relay.server.auth import Authenticator
 from relay.server.fanout import Batch
+from relay.server.history import make_history
 from relay.server.limits import ServerLimits
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -71,6 +72,10 @@ class RelayConfig:
     max_connections_per_ip: int | None = None
     max_pending_total: int = 1024**3
     send_buffer: int = 256 * 1024
+    # The history extension (relay.server.history): off while history is 0.
+    history: int = 0
+    history_ttl: float = 300
+    history_memory: int = 64 * 1024 * 1024
 
     @property
     def heartbeat_interval(self) -> int:
@@ -151,6 +156,8 @@ class RelayFactory(ServerFactory):
         self.shutting_down = False
         # What each live connection runs on, decided once when it opens.
         self._transport_kinds: dict[RelayProtocol, str] = {}
+        # The history extension (relay.server.history); None when it is off.
+        self.history = make_history(self.config, reactor, self.registry, self.backplane)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)
