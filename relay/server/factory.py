@@ -157,7 +157,7 @@ class RelayFactory(ServerFactory):
         # What each live connection runs on, decided once when it opens.
         self._transport_kinds: dict[RelayProtocol, str] = {}
         # The history extension (relay.server.history); None when it is off.
-        self.history = make_history(self.config, reactor, self.registry, self.backplane)
+        self.history = make_history(self)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)

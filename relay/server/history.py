@@ -402,21 +402,22 @@ def config_fields(options: Any) -> dict[str, Any]:
     }
 
 
-def make_history(config: Any, reactor: Any, registry: Any, backplane: Any) -> Any:
-    """The history extension for a factory, or None when ``--history`` is off.
+def make_history(factory: Any) -> Any:
+    """The history extension of a ``RelayFactory``, or None when ``--history`` is off.
 
     In a cluster the history lives in Redis (``relay.server.redis_history``).
     """
+    config = factory.config
     if not config.history:
         return None
-    if backplane.clustered:
+    if factory.backplane.clustered:
         from relay.server.redis_history import RedisHistory
 
-        history: Any = RedisHistory(config, reactor, backplane)
+        history: Any = RedisHistory(config, factory.reactor, factory.backplane)
     else:
         history = LocalHistory(
-            HistoryStore(config.history, config.history_ttl, config.history_memory, reactor.seconds)
+            HistoryStore(config.history, config.history_ttl, config.history_memory, factory.reactor.seconds)
         )
-    registry.make_room = history.make_room
+    factory.registry.make_room = history.make_room
     return history
 
