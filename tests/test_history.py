@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relay.server.factory import RelayConfig, RelayFactory
@@ -230,3 +232,58 @@ class StoreTests(unittest.TestCase):
         clock.advance(61)
         store.close(store.open("another"))
         self.assertEqual(len(store), 1)
+
+
+# A v1 session captured from the server before the history extension existed.
+ALICE_CAPTURE = bytes.fromhex(
+    "0000009c0101017b22737461747573223a22636f6e6e6563746564222c22636f6e6e656374696f6e4964223a22636f6e"
+    "6e31222c22757365724964223a22616c696365222c2273657276657256657273696f6e223a22302e312e30222c226865"
+    "61727462656174496e74657276616c223a33302c226d61784672616d6553697a65223a313034383537362c2266656174"
+    "75726573223a5b5d2c226964223a317d000000370102017b22737461747573223a226a6f696e6564222c22726f6f6d22"
+    "3a2274657374222c226d656d62657273223a312c226964223a327d000000370102017b22737461747573223a226a6f69"
+    "6e6564222c22726f6f6d223a2274657374222c226d656d62657273223a322c226964223a347d0000000d0105017b2270"
+    "696e67223a317d000000290103017b22737461747573223a226c656674222c22726f6f6d223a2274657374222c226964"
+    "223a357d"
+)
+BOB_CAPTURE = bytes.fromhex(
+    "0000009a0101017b22737461747573223a22636f6e6e6563746564222c22636f6e6e656374696f6e4964223a22636f6e"
+    "6e32222c22757365724964223a22626f62222c2273657276657256657273696f6e223a22302e312e30222c2268656172"
+    "7462656174496e74657276616c223a33302c226d61784672616d6553697a65223a313034383537362c22666561747572"
+    "6573223a5b5d2c226964223a317d000000370102017b22737461747573223a226a6f696e6564222c22726f6f6d223a22"
+    "74657374222c226d656d62657273223a322c226964223a327d0000005b0104017b22726f6f6d223a2274657374222c22"
+    "66726f6d223a22616c696365222c22636f6e74656e74223a7b2274657874223a226869227d2c2274696d657374616d70"
+    "223a313739353330353831333638332c22736571223a317d000000120104020004746573740005616c6963650102"
+)
+
+
+def v1_session(config: RelayConfig) -> list[bytes]:
+    """What alice and bob, two v1 clients that ask for no feature, receive."""
+    clock = Clock()
+    clock.advance(1795305813.683)
+    factory = RelayFactory(config, reactor=clock)
+    ids = itertools.count(1)
+    factory.new_connection_id = lambda: f"conn{next(ids)}"
+    wires = []
+    protocols = []
+    for user in ("alice", "bob"):
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocols.append(protocol)
+        wires.append(transport)
+        protocol.dataReceived(encode_json(MessageType.HELLO, {"userId": user, "id": 1})
+                              + encode_json(MessageType.JOIN_ROOM, {"room": "test", "id": 2}))
+    alice, bob = protocols
+    alice.dataReceived(encode_json(MessageType.MESSAGE, {"room": "test", "content": {"text": "hi"}, "id": 3})
+                       + encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("test", b"\x01\x02"))
+                       + encode_json(MessageType.JOIN_ROOM, {"room": "test", "since": {"seq": 0, "epoch": "x"}, "id": 4})
+                       + encode_json(MessageType.HEARTBEAT, {"ping": 1})
+                       + encode_json(MessageType.LEAVE_ROOM, {"room": "test", "id": 5}))
+    bob.dataReceived(encode_json(MessageType.MESSAGE, {"room": "test", "content": None}))
+    return [w.value() for w in wires]
+
+
+class V1ByteIdentityTests(unittest.TestCase):
+    def test_a_v1_session_is_byte_identical_with_history_off_and_on(self) -> None:
+        for config in (RelayConfig(), RelayConfig(history=5)):
+            self.assertEqual(v1_session(config), [ALICE_CAPTURE, BOB_CAPTURE], config)
