@@ -16,7 +16,8 @@ divided by the messages of 2 rounds is the cost of one message:
     # instructions per message = (second - first) / (2 * 10 * PER_READ)
 
 Environment: MEMBERS (10), SIZE of the content (40), PER_READ (1000),
-BINARY=1 for binary messages.
+BINARY=1 for binary messages, HISTORY=N to keep N deliveries per room
+(--history) and FEATURES=history for subscribers that enable it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from relay.wire import Flags, MessageType, encode, encode_binary_message, encode
 MEMBERS = int(os.environ.get("MEMBERS", "10"))
 SIZE = int(os.environ.get("SIZE", "40"))
 PER_READ = int(os.environ.get("PER_READ", "1000"))
+HISTORY = int(os.environ.get("HISTORY", "0"))
+FEATURES = [name for name in os.environ.get("FEATURES", "").split(",") if name]
 
 
 class DiscardingTransport(StringTransport):
@@ -44,11 +47,11 @@ class DiscardingTransport(StringTransport):
         pass
 
 
-def joined(factory: RelayFactory, user: str):
+def joined(factory: RelayFactory, user: str, features: list[str] | None = None):
     protocol = factory.buildProtocol(None)
     protocol.makeConnection(StringTransport())
     protocol.dataReceived(
-        encode_json(MessageType.HELLO, {"userId": user})
+        encode_json(MessageType.HELLO, {"userId": user, **({"features": features} if features else {})})
         + encode_json(MessageType.JOIN_ROOM, {"room": "room"})
     )
     protocol.transport = DiscardingTransport()
@@ -63,10 +66,10 @@ def message() -> bytes:
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    factory = RelayFactory(RelayConfig(), reactor=Clock())
+    factory = RelayFactory(RelayConfig(history=HISTORY), reactor=Clock())
     publisher = joined(factory, "publisher")
     for index in range(MEMBERS):
-        joined(factory, f"subscriber-{index}")
+        joined(factory, f"subscriber-{index}", FEATURES)
     read = message() * PER_READ
     best = float("inf")
     for _ in range(rounds):
