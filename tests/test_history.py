@@ -287,3 +287,17 @@ class V1ByteIdentityTests(unittest.TestCase):
     def test_a_v1_session_is_byte_identical_with_history_off_and_on(self) -> None:
         for config in (RelayConfig(), RelayConfig(history=5)):
             self.assertEqual(v1_session(config), [ALICE_CAPTURE, BOB_CAPTURE], config)
+
+
+class ReplayBudgetTests(unittest.TestCase):
+    def test_a_replay_past_half_of_max_pending_sends_the_newest_and_is_not_recovered(self) -> None:
+        factory, _ = history_factory(history=100, max_pending=20_000)
+        alice, replies = member(factory, "alice")
+        epoch = replies[0][1]["epoch"]
+        publish(alice, *[f"{index:04d}" + "x" * 1000 for index in range(30)])
+        _, replies = member(factory, "bob", since={"seq": 0, "epoch": epoch})
+        replayed, ack = replies[:-1], replies[-1][1]
+        self.assertEqual((ack["recovered"], ack["replayed"]), (False, len(replayed)))
+        self.assertLess(len(replayed), 30)
+        self.assertEqual([b["seq"] for _, b in replayed], list(range(31 - len(replayed), 31)))
+        self.assertLessEqual(sum(len(b["content"]) for _, b in replayed), 10_000)

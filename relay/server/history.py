@@ -9,11 +9,12 @@ lost) and may join with ``"since": {"seq", "epoch"}``: the kept deliveries
 after ``seq`` are replayed before the ack, marked ``"replayed": true``, and
 the ack says whether nothing was missed (``"recovered"``).
 
-What is kept is the encoded replay frame itself, so a replay is a list of
-bytes objects handed to the connection, with no re-encoding.  The frames
-for history connections are made from the v1 delivery by inserting fields
-before its closing brace (``with_fields``): once per broadcast, whatever
-the number of history members, and only in rooms that have history.
+What is kept is the encoded v1 delivery itself, so keeping one costs no
+copy, and a replay no encoding.  The frames for history connections are
+made from the v1 delivery by inserting fields before its closing brace
+(``with_fields``): once per broadcast, whatever the number of history
+members, and only in rooms that have history; a replayed frame when it is
+replayed.
 
 Binary messages take a ``seq`` (as in plain Relay v1) but are not kept: a
 binary delivery has no JSON envelope that could say it is replayed, so it
@@ -51,7 +52,7 @@ DEFAULT_MEMORY = 64 * 1024 * 1024
 MAX_HISTORY = 100_000
 # Bytes counted for each kept delivery beyond its frame (tuple, deque slot,
 # int and float), and for each room's record.
-ENTRY_OVERHEAD = 120
+ENTRY_OVERHEAD = 150
 RECORD_OVERHEAD = 400
 # Longest epoch accepted in ``since`` (the server's own are 16 characters).
 MAX_EPOCH = 64
@@ -115,7 +116,7 @@ def parse_since(frame: Frame, request_id: Any) -> tuple[int, str] | None:
 class RoomHistory:
     """One room's kept deliveries, its ``seq`` and its ``epoch``.
 
-    ``entries`` holds ``(seq, time, replay frame)``, oldest first.  ``lost``
+    ``entries`` holds ``(seq, time, v1 delivery)``, oldest first.  ``lost``
     is the highest seq of a delivery that was dropped (by count, age or the
     memory budget): a client that saw everything up to at least ``lost``
     missed nothing that is not replayed.
@@ -152,6 +153,9 @@ class HistoryStore:
         self._records: collections.OrderedDict[str, RoomHistory] = collections.OrderedDict()
         self.size = 0
         self.evicted = 0  # deliveries dropped for the memory budget
+        # The record last moved to the end of the eviction order: the
+        # common case, publishes to the same room, skips the move.
+        self._newest: RoomHistory | None = None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -172,8 +176,11 @@ class HistoryStore:
         """The history of room ``name``, being created: the one kept, or a new one."""
         record = self.find(name)
         if record is None:
-            record = RoomHistory(name, self._clock())
+            now = self._clock()
+            self._sweep(now)
+            record = RoomHistory(name, now)
             self._records[name] = record
+            self._newest = record
             self.size += record.size
             self._fit()
         record.live = True
@@ -185,23 +192,31 @@ class HistoryStore:
         record.touched = self._clock()
         if record.name in self._records:
             self._records.move_to_end(record.name)
+            self._newest = record
         self._sweep(record.touched)
 
     def keep(self, record: RoomHistory, seq: int, frame: bytes) -> None:
-        """Keep the JSON delivery ``frame`` of seq ``seq``."""
+        """Keep the JSON delivery ``frame`` of seq ``seq``.
+
+        Once per publish to a room with history: the rare work (trimming,
+        eviction) hides behind one comparison each.
+        """
         now = self._clock()
-        replay = with_fields(frame, record.replayed)
-        record.entries.append((seq, now, replay))
-        cost = len(replay) + ENTRY_OVERHEAD
+        entries = record.entries
+        entries.append((seq, now, frame))
+        cost = len(frame) + ENTRY_OVERHEAD
         record.size += cost
         self.size += cost
         record.touched = now
-        self._records.move_to_end(record.name)
-        if len(record.entries) > self.limit:
+        if record is not self._newest:
+            self._records.move_to_end(record.name)
+            self._newest = record
+        if len(entries) > self.limit:
             self._pop_oldest(record)
-        self._expire(record, now)
-        self._sweep(now)
-        self._fit()
+        if now - entries[0][1] > self.ttl:
+            self._expire(record, now)
+        if self.size > self.memory:
+            self._fit()
 
     def replay(self, record: RoomHistory, seq: int, epoch: str, budget: int) -> tuple[list[bytes], bool]:
         """The kept replay frames after ``seq``, and whether nothing was missed.
@@ -213,13 +228,11 @@ class HistoryStore:
         self._expire(record, self._clock())
         if epoch != record.epoch or seq > record.seq:
             return [], False
-        frames = [frame for kept, _, frame in record.entries if kept > seq]
-        recovered = seq >= record.lost
-        size = sum(map(len, frames))
-        while frames and size > budget:
-            size -= len(frames.pop(0))
-            recovered = False
-        return frames, recovered
+        missed = [frame for kept, _, frame in record.entries if kept > seq]
+        fitting = newest_within(missed, budget - len(record.replayed) * len(missed))
+        fields = record.replayed
+        frames = [with_fields(frame, fields) for frame in fitting]
+        return frames, seq >= record.lost and len(fitting) == len(missed)
 
     def _pop_oldest(self, record: RoomHistory) -> None:
         seq, _, frame = record.entries.popleft()
@@ -260,6 +273,8 @@ class HistoryStore:
     def _drop(self, record: RoomHistory) -> None:
         if self._records.get(record.name) is record:
             del self._records[record.name]
+        if self._newest is record:
+            self._newest = None
         self.size -= record.size
 
 
@@ -363,6 +378,16 @@ class LocalHistory:
         if isinstance(joined, HistoryRoom):
             fields = {"seq": joined.seq, "epoch": joined.history.epoch, **fields}
         return fields
+
+
+def newest_within(frames: list[bytes], budget: int) -> list[bytes]:
+    """The newest of ``frames`` (oldest first) whose bytes fit in ``budget``."""
+    size = 0
+    start = len(frames)
+    while start and size + len(frames[start - 1]) <= budget:
+        start -= 1
+        size += len(frames[start])
+    return frames[start:]
 
 
 def replay_budget(protocol: Any) -> int:

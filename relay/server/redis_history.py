@@ -53,6 +53,7 @@ from relay.server.history import (
     epoch_fields,
     is_json,
     new_epoch,
+    newest_within,
     replay_budget,
     replay_fields,
     with_fields,
@@ -390,11 +391,9 @@ class RedisHistory:
                   since: tuple[int, str] | None) -> None:
         epoch, seq, recovered, frames = reply[0].decode(), int(reply[1]), bool(reply[2]), reply[3:]
         fields = replay_fields(epoch)
-        budget = replay_budget(protocol)
-        size = sum(map(len, frames))
-        while frames and size > budget:
-            size -= len(frames.pop(0))
-            recovered = False
+        fitting = newest_within(frames, replay_budget(protocol) - len(fields) * len(frames))
+        recovered = recovered and len(fitting) == len(frames)
+        frames = fitting
         for frame in frames:
             protocol.enqueue(with_fields(frame, fields))
         joined.end_joining(protocol, seq)
