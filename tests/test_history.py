@@ -301,3 +301,33 @@ class ReplayBudgetTests(unittest.TestCase):
         self.assertLess(len(replayed), 30)
         self.assertEqual([b["seq"] for _, b in replayed], list(range(31 - len(replayed), 31)))
         self.assertLessEqual(sum(len(b["content"]) for _, b in replayed), 10_000)
+
+
+class GrantsAndBoundsTests(unittest.TestCase):
+    def test_a_join_with_since_outside_the_grant_is_forbidden_and_replays_nothing(self) -> None:
+        from relay.server.auth import Authenticator, JwtVerifier
+        from tests.authkeys import KeyFiles, claims, mint
+
+        clock = Clock()
+        clock.advance(1_000_000)
+        authenticator = Authenticator(None, JwtVerifier(KeyFiles(self).secret(), leeway=0.0))
+        factory = RelayFactory(RelayConfig(history=5), reactor=clock, auth=authenticator)
+        insider = StringConnection(factory)
+        insider.send_json(MessageType.HELLO, {"token": mint(claims(now=clock.seconds(), sub="in", rooms=["secret"])),
+                                              "features": ["history"]})
+        insider.send_json(MessageType.JOIN_ROOM, {"room": "secret"})
+        epoch = insider.replies()[1][1]["epoch"]
+        publish(insider, "classified", room="secret")
+        outsider = StringConnection(factory)
+        outsider.send_json(MessageType.HELLO, {"token": mint(claims(now=clock.seconds(), sub="out", rooms=["lobby"])),
+                                               "features": ["history"]})
+        outsider.received()
+        outsider.send_json(MessageType.JOIN_ROOM, {"room": "secret", "since": {"seq": 0, "epoch": epoch}, "id": 2})
+        (type_, error), = outsider.replies()
+        self.assertEqual((type_, error["code"], error["id"]), (MessageType.ERROR, "FORBIDDEN", 2))
+
+    def test_a_history_connection_stays_under_the_shared_keys_limit(self) -> None:
+        factory, _ = history_factory()
+        connection, _ = member(factory, "alice")
+        publish(connection, "x")
+        self.assertLessEqual(len(vars(connection.protocol)), 29)
