@@ -322,13 +322,13 @@ class HistoryRoom(Room):
     ) -> None:
         Room.broadcast(self, frame, exclude, batch)
         record = self.history
-        record.seq = self.seq
-        if not is_json(frame):
+        record.seq = seq = self.seq
+        if frame[6] & _JSON:  # the flags byte: binary deliveries are not kept
+            self._store.keep(record, seq, frame)
+            if self._history_members:
+                deliver_to(self._history_members, with_fields(frame, record.live_fields), exclude)
+        elif self._history_members:
             deliver_to(self._history_members, frame, exclude)
-            return
-        self._store.keep(record, self.seq, frame)
-        if self._history_members:
-            deliver_to(self._history_members, with_fields(frame, record.live_fields), exclude)
 
 
 def deliver_to(members: dict[Any, None], frame: bytes, exclude: Any) -> None:
