@@ -281,9 +281,10 @@ class HistoryStore:
 class HistoryRoom(Room):
     """A room with history (``--history``) on one node.
 
-    Members that enabled ``history`` are kept apart from the v1 ones: the
-    v1 members take the broadcast as ``Room.broadcast`` gives it, the
-    others the same frame with the room's epoch added, made once.
+    Members that enabled ``history`` are kept apart from the v1 ones, in a
+    ``Room`` of their own: the v1 members take the broadcast as
+    ``Room.broadcast`` gives it, the others the same frame with the room's
+    epoch added, made once, through the same shared fan-out.
     """
 
     __slots__ = ("history", "_store", "_history_members")
@@ -293,7 +294,7 @@ class HistoryRoom(Room):
         self._store = store
         self.history = store.open(name)
         self.seq = self.history.seq
-        self._history_members: dict[Member, None] = {}
+        self._history_members = Room(name)
 
     def __len__(self) -> int:
         return len(self._members) + len(self._history_members)
@@ -303,12 +304,12 @@ class HistoryRoom(Room):
 
     def add(self, member: Member) -> None:
         if getattr(member, "history", False):
-            self._history_members[member] = None
+            self._history_members.add(member)
         else:
             Room.add(self, member)
 
     def discard(self, member: Member) -> None:
-        self._history_members.pop(member, None)
+        self._history_members.discard(member)
         Room.discard(self, member)
         if not self:
             self._store.close(self.history)
@@ -326,16 +327,9 @@ class HistoryRoom(Room):
         if frame[6] & _JSON:  # the flags byte: binary deliveries are not kept
             self._store.keep(record, seq, frame)
             if self._history_members:
-                deliver_to(self._history_members, with_fields(frame, record.live_fields), exclude)
+                Room.broadcast(self._history_members, with_fields(frame, record.live_fields), exclude, batch)
         elif self._history_members:
-            deliver_to(self._history_members, frame, exclude)
-
-
-def deliver_to(members: dict[Any, None], frame: bytes, exclude: Any) -> None:
-    """Queue ``frame`` for every member but ``exclude``."""
-    for member in tuple(members):
-        if member is not exclude:
-            member.enqueue(frame)
+            Room.broadcast(self._history_members, frame, exclude, batch)
 
 
 class LocalHistory:

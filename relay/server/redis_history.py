@@ -49,7 +49,6 @@ from twisted.logger import Logger
 
 from relay.server.backplane import IRedisBackplane
 from relay.server.history import (
-    deliver_to,
     epoch_fields,
     is_json,
     new_epoch,
