@@ -18,7 +18,9 @@ divided by the messages of 2 rounds is the cost of one message:
 Environment: MEMBERS (10), SIZE of the content (40), PER_READ (1000),
 BINARY=1 for binary messages, COMPRESSING (0): how many of the members
 enable the compression extension, CONTENT: a JSON file to publish as
-the content instead of SIZE filler characters.
+the content instead of SIZE filler characters, HISTORY=N to keep N
+deliveries per room (--history) and FEATURES=history for subscribers
+that enable it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ MEMBERS = int(os.environ.get("MEMBERS", "10"))
 SIZE = int(os.environ.get("SIZE", "40"))
 PER_READ = int(os.environ.get("PER_READ", "1000"))
 COMPRESSING = int(os.environ.get("COMPRESSING", "0"))
+HISTORY = int(os.environ.get("HISTORY", "0"))
+FEATURES = [name for name in os.environ.get("FEATURES", "").split(",") if name]
 
 
 class DiscardingTransport(StringTransport):
@@ -72,10 +76,11 @@ def message() -> bytes:
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    factory = RelayFactory(RelayConfig(), reactor=Clock())
+    factory = RelayFactory(RelayConfig(history=HISTORY), reactor=Clock())
     publisher = joined(factory, "publisher")
     for index in range(MEMBERS):
-        joined(factory, f"subscriber-{index}", ("compression",) if index < COMPRESSING else ())
+        features = (("compression",) if index < COMPRESSING else ()) + tuple(FEATURES)
+        joined(factory, f"subscriber-{index}", features)
     read = message() * PER_READ
     best = float("inf")
     for _ in range(rounds):

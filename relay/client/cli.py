@@ -126,6 +126,8 @@ def message_json(message: Message) -> str:
         record["timestamp"] = message.timestamp
     if message.seq is not None:
         record["seq"] = message.seq
+    if message.replayed:
+        record["replayed"] = True
     line = dumps(record).decode("utf-8")
     # Such characters only occur inside JSON strings, where \\u escapes mean the same.
     return _TERMINAL_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
@@ -285,6 +287,7 @@ class ChatSession(LineReceiver):
         client.on_gave_up = self._gave_up
         client.on_message = self._message
         client.on_error = self._refused
+        client.on_recovered = self._recovered
 
     @property
     def script(self) -> bool:
@@ -583,6 +586,13 @@ class ChatSession(LineReceiver):
             self.end_input()
         self._maybe_finish()
 
+    def _recovered(self, room: str, recovered: bool, missed: int) -> None:
+        if recovered:
+            noun = "missed message" if missed == 1 else "missed messages"
+            self.console.news(f"* recovered {missed} {noun} in {printable(room)}")
+        else:
+            self.console.news(f"* could not recover {printable(room)}: history lost")
+
     def _refused(self, relay_error: RelayError) -> None:
         # A refusal no request was waiting for: a message sent without acks,
         # or a room the server no longer accepts after a reconnection.
@@ -729,7 +739,7 @@ def _build_client(reactor: Any, options: argparse.Namespace) -> ReconnectingClie
     try:
         return ReconnectingClient(
             reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
-            ca_file=options.ca_file, client_cert=options.client_cert, acks=True,
+            ca_file=options.ca_file, client_cert=options.client_cert, acks=True, history=True,
             compression=options.compress,
             token_provider=provider,
         )

@@ -60,6 +60,8 @@ HELLO_TIMEOUT_SECONDS = 30.0
 MISSED_HEARTBEATS = 2
 # The HELLO extension that acknowledges each accepted JSON MESSAGE.
 ACKS = "acks"
+# The HELLO extension that replays, on a join with since, what was missed.
+HISTORY = "history"
 
 
 class RelayError(Exception):
@@ -109,7 +111,9 @@ class Message:
 
     ``content`` holds the JSON value of a JSON message, ``data`` the bytes of a
     binary one (``binary`` tells which).  ``timestamp`` (ms since the epoch) and
-    ``seq`` are set when the server sent them (JSON messages only).
+    ``seq`` are set when the server sent them (JSON messages only).  With
+    the ``history`` extension JSON messages also carry the room's ``epoch``,
+    and ``replayed`` is True for those replayed by a join with ``since``.
     """
 
     room: str
@@ -119,6 +123,8 @@ class Message:
     timestamp: int | None = None
     seq: int | None = None
     binary: bool = False
+    epoch: str | None = None
+    replayed: bool = False
 
 
 class MessageStream:
@@ -214,20 +220,31 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     HELLO ack lists it (``compression_enabled``), compressed deliveries are
     inflated (bounded by the frame limit, like any frame) and MESSAGE
     payloads over ``compress_min`` bytes are sent compressed.
+
+    ``history=True`` asks for the ``history`` extension: ``positions`` then
+    holds each room's last ``(seq, epoch)`` seen, from deliveries and join
+    acks; ``join(room, since=...)`` has the server replay what came after
+    it, and a delivery seen already (same epoch, seq not past the
+    position) is dropped, so none reaches the application twice.
     """
 
     def __init__(self, reactor: Any, user: str | None = None, token: str | None = None,
                  echo: bool = False, acks: bool = False, compression: bool = False,
-                 compress_min: int = DEFAULT_COMPRESS_MIN) -> None:
+                 compress_min: int = DEFAULT_COMPRESS_MIN, history: bool = False) -> None:
         self._reactor = reactor
         self.callLater = reactor.callLater  # for TimeoutMixin
         features = ([ACKS] if acks else []) + ([COMPRESSION] if compression else [])
+        if history:
+            features.append(HISTORY)
         self._hello = _hello_body(user, token, echo, features)
         self._asked_acks = acks
         self._asked_compression = compression
         # Frames longer than this are sent compressed, once negotiated.
         self._compress_above: int | None = None
         self._compress_min = compress_min
+        self._asked_history = history
+        # Room -> (seq, epoch) of the last delivery or join ack (history only).
+        self.positions: dict[str, tuple[int, str]] = {}
         # Ids of sends written before the HELLO ack said whether acks are on.
         self._unconfirmed_sends: set[int] = set()
         self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE)
@@ -277,9 +294,34 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         """Whether frames with flag 0x04 (zlib payloads) may flow both ways."""
         return self._asked_compression and COMPRESSION in self.features
 
-    def join(self, room: str) -> defer.Deferred[dict[str, Any]]:
-        """Join ``room``; fires with the ack body (``room``, ``members``)."""
-        return self._request(MessageType.JOIN_ROOM, {"room": room})
+    @property
+    def history_enabled(self) -> bool:
+        """Whether the server keeps history for this connection's rooms."""
+        return self._asked_history and HISTORY in self.features
+
+    def join(self, room: str, since: tuple[int, str] | None = None) -> defer.Deferred[dict[str, Any]]:
+        """Join ``room``; fires with the ack body (``room``, ``members``).
+
+        With history enabled the ack also has the room's ``seq`` and
+        ``epoch``, and ``since`` (a ``(seq, epoch)`` from ``positions``)
+        has the missed messages replayed first, the ack then saying
+        ``recovered`` (nothing was missed) and how many were ``replayed``.
+        """
+        body: dict[str, Any] = {"room": room}
+        if since is not None and self.history_enabled:
+            body["since"] = {"seq": since[0], "epoch": since[1]}
+        joining = self._request(MessageType.JOIN_ROOM, body)
+        if self._asked_history:
+            joining.addCallback(self._track_join)
+        return joining
+
+    def _track_join(self, ack: dict[str, Any]) -> dict[str, Any]:
+        room, seq, epoch = ack.get("room"), ack.get("seq"), ack.get("epoch")
+        if isinstance(room, str) and type(seq) is int and isinstance(epoch, str) and epoch:
+            known = self.positions.get(room)
+            if known is None or known[1] != epoch or known[0] < seq:
+                self.positions[room] = (seq, epoch)
+        return ack
 
     def leave(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Leave ``room``; fires with the ack body."""
@@ -464,12 +506,25 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
                 self._on_reply(body)
                 return
             message = _json_delivery(body)
+            if message.epoch is not None and self._seen_already(message):
+                return
         if self.on_message is not None:
             try:
                 self.on_message(message)
             except Exception:
                 log.failure("on_message raised; the message is still delivered to streams")
         self._hub.publish(message)
+
+    def _seen_already(self, message: Message) -> bool:
+        """Track a history delivery's position; True if it was delivered before."""
+        seq = message.seq
+        if type(seq) is not int:
+            return False
+        known = self.positions.get(message.room)
+        if known is not None and known[1] == message.epoch and seq <= known[0]:
+            return True
+        self.positions[message.room] = (seq, message.epoch)
+        return False
 
     def _on_heartbeat_echo(self, frame: Frame) -> None:
         try:
@@ -642,12 +697,15 @@ def _binary_delivery(frame: Frame) -> Message:
 
 
 def _json_delivery(body: dict[str, Any]) -> Message:
+    epoch = body.get("epoch")
     return Message(
         room=str(body.get("room", "")),
         sender=str(body.get("from", "")),
         content=body.get("content"),
         timestamp=body.get("timestamp"),
         seq=body.get("seq"),
+        epoch=epoch if isinstance(epoch, str) else None,
+        replayed=body.get("replayed") is True,
     )
 
 

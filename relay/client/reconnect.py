@@ -152,12 +152,21 @@ class ReconnectingClient:
     - ``on_reconnecting(attempt, delay, reason)``: next attempt in ``delay`` s;
     - ``on_gave_up(reason)``: a terminal failure (UNAUTHORIZED, an untrusted
       certificate...); it stops as soon as the hook returns;
-    - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol.
+    - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol;
+    - ``on_recovered(room, recovered, missed)``: with ``history=True``, a room
+      re-joined after a reconnection; ``missed`` messages were replayed
+      (through ``on_message``, ``replayed`` set, before this hook), and
+      ``recovered`` says whether that was everything: when False, messages
+      were lost and the application must resynchronise by other means.
+
+    With ``history=True`` each room's position (``positions``, the last
+    ``(seq, epoch)`` seen) outlives the connections, and a re-join asks
+    the server for what came after it.
     """
 
     def __init__(self, reactor: Any, description: str, *, user: str | None = None,
                  token: str | None = None, echo: bool = False, ca_file: str | None = None,
-                 client_cert: str | None = None, acks: bool = False,
+                 client_cert: str | None = None, acks: bool = False, history: bool = False,
                  compression: bool = False,
                  retry_policy: Callable[[int], float] | None = None,
                  token_provider: TokenProvider | None = None) -> None:
@@ -167,8 +176,12 @@ class ReconnectingClient:
         self.description = description
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
         self.factory = RelayClientFactory(
-            reactor, user=user, token=token, echo=echo, acks=acks, compression=compression
+            reactor, user=user, token=token, echo=echo, acks=acks, history=history,
+            compression=compression,
         )
+        # Room -> (seq, epoch) last seen, shared by every connection (history).
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.on_recovered: Callable[[str, bool, int], Any] | None = None
         self.rooms: dict[str, None] = {}  # ordered set of acked room names
         self.client: RelayClientProtocol | None = None
         self.on_connected: Callable[[RelayClientProtocol], Any] | None = None
@@ -304,8 +317,21 @@ class ReconnectingClient:
     def _rejoin(self, client: RelayClientProtocol) -> defer.Deferred[RelayClientProtocol]:
         client.on_message = self._deliver
         client.on_error = lambda relay_error: self.on_error(relay_error)
-        joins = [client.join(room).addErrback(self._rejoin_failed, room) for room in list(self.rooms)]
+        client.positions = self.positions
+        joins = [
+            client.join(room, self.positions.get(room))
+            .addCallback(self._rejoined)
+            .addErrback(self._rejoin_failed, room)
+            for room in list(self.rooms)
+        ]
         return defer.gatherResults(joins, consumeErrors=True).addCallback(lambda _: client)
+
+    def _rejoined(self, ack: dict[str, Any]) -> None:
+        recovered = ack.get("recovered")
+        if isinstance(recovered, bool):
+            replayed = ack.get("replayed")
+            missed = replayed if type(replayed) is int else 0
+            self._run_hook(self.on_recovered, str(ack.get("room", "")), recovered, missed)
 
     def _rejoin_failed(self, failure: Failure, room: str) -> None:
         if failure.check(RelayError) and not failure.value.fatal:

@@ -97,6 +97,26 @@ class IBackplane(Interface):
         ``kind`` being ``"gauge"`` or ``"counter"``; read at scrape time."""
 
 
+class IRedisBackplane(IBackplane):
+    """A backplane on Redis that extensions may keep state in
+    (``relay.server.redis_history``): its command connection, its key
+    prefix, and envelopes of their own on the rooms' channels."""
+
+    cluster_name = Attribute("The prefix of the cluster's Redis keys and channels.")
+
+    def command_connection() -> Any:
+        """The usable command connection (txredisapi), or None while Redis is away."""
+
+    def add_envelope_handler(version: int, handler: Any) -> None:
+        """Hand envelopes whose first byte is ``version`` (2-255) published on
+        a room's channel to ``handler(room, payload)``; the handler raises
+        ``EnvelopeError`` for a malformed one.  This node's own are handed
+        over too."""
+
+    def batch() -> Any:
+        """The node's current ``Batch``: what handlers deliver is flushed after each read."""
+
+
 @dataclass
 class BackplaneStats:
     """What crossed a backplane's link, for logs, metrics and health checks."""

@@ -31,6 +31,7 @@ from relay.server.backplane import (
 from relay.server.auth import Authenticator
 from relay.server.compression import DeliveryCompressor
 from relay.server.fanout import Batch
+from relay.server.history import make_history
 from relay.server.limits import ServerLimits
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
@@ -77,6 +78,10 @@ class RelayConfig:
     # connections that enabled it, over compress_min payload bytes.
     compress_min: int = DEFAULT_COMPRESS_MIN
     compress_level: int = DEFAULT_COMPRESS_LEVEL
+    # The history extension (relay.server.history): off while history is 0.
+    history: int = 0
+    history_ttl: float = 300
+    history_memory: int = 64 * 1024 * 1024
 
     @property
     def heartbeat_interval(self) -> int:
@@ -159,6 +164,8 @@ class RelayFactory(ServerFactory):
         self.shutting_down = False
         # What each live connection runs on, decided once when it opens.
         self._transport_kinds: dict[RelayProtocol, str] = {}
+        # The history extension (relay.server.history); None when it is off.
+        self.history = make_history(self)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)

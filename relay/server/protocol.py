@@ -45,6 +45,7 @@ from relay.requests import (
 )
 from relay.server.auth import Grant, Unauthorized
 from relay.server.fanout import Fanout
+from relay.server.history import HISTORY, parse_since
 from relay.server.limits import clip, rate_limited_error
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
@@ -70,7 +71,7 @@ log = Logger()
 # HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
 ACKS = "acks"
 # The extensions this server offers, in the order its HELLO ack lists them.
-SUPPORTED_FEATURES = (ACKS, COMPRESSION)
+SUPPORTED_FEATURES = (ACKS, COMPRESSION, HISTORY)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -124,6 +125,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
     # attribute read on the hot path gets slower.
     certified_user_id: str | None = None  # from a verified client certificate
     acks = False  # the acks extension, enabled by HELLO
+    history = False  # the history extension (relay.server.history), enabled by HELLO
     _close_call: Any = None
     _held = False  # True while a JOIN waits for the cluster's member count
     _auth: Any = None  # relay.server.auth.Authenticator, when configured
@@ -434,6 +436,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if compressing:  # relay.server.compression
             self._decoder = InflatingDecoder(self._decoder)
             self.factory.compressor.serve(self)
+        if HISTORY in enabled:  # offered only when --history is on
+            self.history = self.factory.history is not None
+            if not self.history:
+                enabled.remove(HISTORY)
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -461,6 +467,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1
         self._requests_seen = True
         request_id, room = parse_room_request(frame)
+        since = parse_since(frame, request_id) if self.history else None
         new = room not in self.rooms
         if new:
             if self.grant is not None and not self.grant.may_join(room):
@@ -486,14 +493,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 self._publishable.add(room)  # decided once, so publishing checks nothing more
             log.info("{conn} ({user}) joined {room}", conn=self.connection_id, user=self.user_id, room=room)
         counted = self.factory.registry.count_members(room, new)
+        if self.history:  # replays what the connection missed, before the ack
+            counted = self.factory.history.join(self, room, since, counted)
         if isinstance(counted, Deferred):  # a cluster counts in Redis: ack later, in order
             self._hold(counted.addCallback(self._joined_cluster, room, request_id))
         members = len(self.factory.registry.join(self, room))
-        self._reply(
-            MessageType.JOIN_ROOM,
-            {"status": "joined", "room": room, "members": members if counted is None else counted},
-            request_id,
-        )
+        self._ack_join(room, members if counted is None else counted, request_id)
+
+    def _ack_join(self, room: str, members: int, request_id: Any) -> None:
+        body = {"status": "joined", "room": room, "members": members}
+        if self.history:
+            body.update(self.factory.history.ack_fields(self, room))
+        self._reply(MessageType.JOIN_ROOM, body, request_id)
 
     def _joined_cluster(self, members: int, room: str, request_id: Any) -> None:
         """The cluster counted ``room``: join it, ack, and go on with the
@@ -502,9 +513,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if not self.accepting:
             return
         self.factory.registry.join(self, room)
-        self._reply(
-            MessageType.JOIN_ROOM, {"status": "joined", "room": room, "members": members}, request_id
-        )
+        self._ack_join(room, members, request_id)
         if IPushProducer.providedBy(self.transport):
             self.transport.resumeProducing()
         self.dataReceived(b"")

@@ -54,6 +54,7 @@ from relay.server.backplane import (
     METRICS,
     IBackplane,
     IClusterNode,
+    IRedisBackplane,
     RedisAddress,
 )
 from relay.wire import LENGTH_SIZE, MIN_LENGTH
@@ -435,7 +436,7 @@ class RedisConnection:
         return waiter
 
 
-@implementer(IBackplane)
+@implementer(IBackplane, IRedisBackplane)
 class RedisBackplane:
     """The cluster backplane on one Redis (see the module docstring).
 
@@ -463,6 +464,9 @@ class RedisBackplane:
         self.stats = BackplaneStats()
         self.queue_limit = queue_limit
         self.membership_ttl = membership_ttl
+        self.cluster_name = cluster_name
+        # Extensions' envelopes on room channels, by version byte.
+        self._envelope_handlers: dict[int, Callable[[str, bytes], None]] = {}
         self._ttl_ms = int(membership_ttl * 1000)
         self._channel_prefix = f"{cluster_name}:room:".encode()
         self._node_key_prefix = f"{cluster_name}:node:"
@@ -729,6 +733,8 @@ class RedisBackplane:
         try:
             _node, _origin, frames = parse_envelope(payload)
         except EnvelopeError as error:
+            if self._extension_received(room, payload):
+                return
             self.stats.malformed_envelopes += 1
             if self.stats.malformed_envelopes == 1 or self.stats.malformed_envelopes % 1000 == 0:
                 log.warn(
@@ -741,6 +747,29 @@ class RedisBackplane:
         self.stats.received_envelopes += 1
         self.stats.received_frames += len(frames)
         self._node.deliver_remote(room, frames)
+
+    def _extension_received(self, room: str, payload: bytes) -> bool:
+        """Hand an envelope of another version to its extension; False if none takes it."""
+        handler = self._envelope_handlers.get(payload[0]) if payload else None
+        if handler is None:
+            return False
+        try:
+            handler(room, payload)
+        except EnvelopeError:
+            return False
+        self.stats.received_envelopes += 1
+        return True
+
+    # Extensions (IRedisBackplane)
+
+    def command_connection(self) -> Any:
+        return self._command.protocol
+
+    def add_envelope_handler(self, version: int, handler: Callable[[str, bytes], None]) -> None:
+        self._envelope_handlers[version] = handler
+
+    def batch(self) -> Any:
+        return self._node.batch if self._node is not None else None
 
     def flush_node(self) -> None:
         if self._node is not None:

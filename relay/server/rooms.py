@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from twisted.internet import defer
 
@@ -134,6 +134,9 @@ class RoomRegistry:
         self.peak_rooms = 0
         self.backplane: IBackplane = backplane if backplane is not None else LocalBackplane()
         self._forwarding = self.backplane.clustered
+        # Makes each new room, when an extension needs rooms of its own
+        # kind (relay.server.history); else Room or ForwardingRoom.
+        self.make_room: Callable[[str], Room] | None = None
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -152,7 +155,10 @@ class RoomRegistry:
         """Add ``member`` to room ``name``, creating it; return the room."""
         room = self._rooms.get(name)
         if room is None:
-            room = ForwardingRoom(name, self.backplane) if self._forwarding else Room(name)
+            if self.make_room is not None:
+                room = self.make_room(name)
+            else:
+                room = ForwardingRoom(name, self.backplane) if self._forwarding else Room(name)
             self._rooms[name] = room
             self.peak_rooms = max(self.peak_rooms, len(self._rooms))
         room.add(member)
