@@ -241,6 +241,15 @@ class SharedFanoutTests(BatchingTestCase):
             [0, 1, 2],
         )
 
+    def test_message_transport_writes_count_each_byte_once(self) -> None:
+        publisher = joined_member(self.factory, "publisher")
+        websocket = joined_member(self.factory, "websocket", messages=True)
+        stats = self.factory.stats
+        before = stats.bytes_out
+        publisher.send(publish(3) + encode(MessageType.HEARTBEAT, 0, b""))
+        written = sum(map(len, websocket.transport.written[0])) + len(publisher.transport.value())
+        self.assertEqual(stats.bytes_out - before, written)
+
     def test_no_fanout_outlives_the_flush(self) -> None:
         publisher, subscriber = self.members(2)
         publisher.send(publish(5))

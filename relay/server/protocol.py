@@ -763,7 +763,6 @@ class RelayProtocol(Protocol, TimeoutMixin):
             for entry in entries:
                 if type(entry) is not Fanout:
                     stats.frames_out_by_type[entry[5]] += 1
-            stats.bytes_out += sum(map(len, frames))
             size = sum(map(len, frames))
             stats.bytes_out += size
             self.transport.writeSequence(frames)
