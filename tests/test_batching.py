@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from zope.interface import directlyProvides
 
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.fanout import Fanout
 from relay.server.protocol import IMessageTransport, State
 from relay.wire import (
     Decoder,
@@ -50,6 +51,13 @@ class CountingTransport(StringTransport):
         self.writes += 1
         self.written.append(list(data))
         super().writeSequence(data)
+
+    def write_entries(self, entries: list[Any]) -> None:
+        """As a message transport is given the outbox: recorded frame by frame."""
+        frames = []
+        for entry in entries:
+            frames.extend(entry.frames if isinstance(entry, Fanout) else [entry])
+        self.writeSequence(frames)
 
 
 def joined_member(
