@@ -207,30 +207,34 @@ class WebSocketStream(Protocol):
         position = 0
         end = len(buffer)
         payloads = []
-        data_opcodes = _DATA_OPCODES
+        append = payloads.append
+        # The common frame first: a whole binary message, unmasked, its
+        # length in 7 or 16 bits; anything else takes the general path.
         while end - position >= 2:
-            first = buffer[position]
             size = buffer[position + 1]
-            start = position + 2
-            if size >= 126:
+            if size < 126:
+                start = position + 2
+            elif size == 126:
+                start = position + 4
+                if start > end:
+                    break
+                size = buffer[position + 2] << 8 | buffer[position + 3]
+            else:
                 if size & 0x80:
                     self._broken("the server masked a frame")
                     return
-                if size == 126:
-                    if end - position < 4:
-                        break
-                    size = _U16.unpack_from(buffer, start)[0]
-                    start += 2
-                else:
-                    if end - position < 10:
-                        break
-                    size = _U64.unpack_from(buffer, start)[0]
-                    start += 8
+                start = position + 10
+                if start > end:
+                    break
+                size = _U64.unpack_from(buffer, position + 2)[0]
             stop = start + size
             if stop > end:
                 break
-            if first in data_opcodes:
-                payloads.append(buffer[start:stop])
+            first = buffer[position]
+            if first == _BINARY:
+                append(buffer[start:stop])
+            elif first in _DATA_OPCODES:
+                append(buffer[start:stop])
             elif not self._control(first, buffer[start:stop]):
                 return
             position = stop
