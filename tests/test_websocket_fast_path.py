@@ -183,7 +183,9 @@ class SharedFramingTests(FastPathTestCase):
         member.websocket.sendPing(b"are you there")
         publisher.send(publish("lobby", 1, 2))
         events = member.events()
-        self.assertEqual([event.opcode for event in events], [Opcode.BINARY, Opcode.PING, Opcode.BINARY, Opcode.BINARY])
+        self.assertEqual(
+            [event.opcode for event in events], [Opcode.BINARY, Opcode.PING, Opcode.BINARY, Opcode.BINARY]
+        )
         self.assertEqual(contents([e.data for e in events if e.opcode is Opcode.BINARY]), [0, 1, 2])
 
 

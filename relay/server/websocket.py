@@ -8,7 +8,9 @@ adapter: the bytes of every binary message go to
 ``RelayProtocol.dataReceived``, so a frame may be split across messages and
 several frames may share one; towards the client, each frame is a message of
 its own (the transport provides ``IMessageTransport``, so the protocol hands
-it frames one by one).
+it its outbox, and ``MessageTransport.write_entries`` frames the messages and
+writes them to the socket at once, a broadcast's framing shared by every
+WebSocket member).
 
 Backpressure works as on TCP: the relay connection is registered as the push
 producer of the socket under the WebSocket, so it is paused (DRAINING) when
@@ -221,7 +223,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         # the relay connection is the stream's producer from now on.
         stream.unregisterProducer()
         self.relay = self.factory.relay_factory.buildProtocol(stream.getPeer())
-        self.relay.makeConnection(MessageTransport(self, self._frames_as_autobahn_would(), self.maxMessagePayloadSize))
+        transport = MessageTransport(self, self._frames_as_autobahn_would(), self.maxMessagePayloadSize)
+        self.relay.makeConnection(transport)
         if ISSLTransport.providedBy(stream):
             # The TLS handshake finished before the upgrade request arrived.
             self.relay.handshakeCompleted()
