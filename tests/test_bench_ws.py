@@ -103,6 +103,16 @@ class RawClientTests(unittest.TestCase):
         self.failureResultOf(opened, ConnectionError)
         self.assertTrue(transport.disconnecting or transport.disconnected)
 
+    def test_endless_upgrade_response_fails_the_connection(self) -> None:
+        opened: defer.Deferred = defer.Deferred()
+        stream = WebSocketStream(None, "h", "/relay", opened)
+        transport = StringTransport()
+        stream.makeConnection(transport)
+        for _ in range(20):
+            stream.dataReceived(b"X-Padding: " + b"p" * 1000 + b"\r\n")
+        self.failureResultOf(opened, ConnectionError)
+        self.assertTrue(transport.disconnected)
+
     def test_refused_upgrade_fails_the_connection(self) -> None:
         opened: defer.Deferred = defer.Deferred()
         stream = WebSocketStream(None, "h", "/relay", opened)

@@ -174,6 +174,7 @@ class WebSocketStream(Protocol):
         if end < 0:
             if len(head) > MAX_RESPONSE_HEAD:
                 self._refused("the upgrade response is too long")
+                return
             self._head = head
             return
         self._head = b""
