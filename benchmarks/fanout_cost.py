@@ -20,7 +20,8 @@ BINARY=1 for binary messages, COMPRESSING (0): how many of the members
 enable the compression extension, CONTENT: a JSON file to publish as
 the content instead of SIZE filler characters, HISTORY=N to keep N
 deliveries per room (--history) and FEATURES=history for subscribers
-that enable it.
+that enable it, WEBSOCKET=1 for subscribers on WebSocket (through the
+real HTTP upgrade and autobahn, on the same discarding stream).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -64,6 +66,44 @@ def joined(factory: RelayFactory, user: str, features: tuple[str, ...] = ()):
     return protocol
 
 
+UPGRADE = (
+    b"GET /relay HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: relay.v1\r\n\r\n"
+)
+
+
+def masked(payload: bytes) -> bytes:
+    """One client binary frame (masked with a zero key: the XOR is a no-op)."""
+    assert len(payload) < 126
+    return bytes((0x82, 0x80 | len(payload))) + bytes(4) + payload
+
+
+def joined_websocket(site, factory: RelayFactory, user: str):
+    """A subscriber through the upgrade on ``site``, writing to a discarding stream."""
+    stream = DiscardingStream(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = site.buildProtocol(stream.getPeer())
+    stream.protocol = channel
+    channel.makeConnection(stream)
+    channel.dataReceived(UPGRADE)
+    stream.protocol.dataReceived(
+        masked(encode_json(MessageType.HELLO, {"userId": user}))
+        + masked(encode_json(MessageType.JOIN_ROOM, {"room": "room"}))
+    )
+    stream.discarding = True
+    return stream.protocol
+
+
+class DiscardingStream(StringTransport):
+    """Keeps what is written until ``discarding``, then drops it."""
+
+    discarding = False
+
+    def write(self, data: bytes) -> None:
+        if not self.discarding:
+            super().write(data)
+
+
 def message() -> bytes:
     if os.environ.get("BINARY"):
         return encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("room", b"x" * SIZE))
@@ -78,9 +118,16 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     factory = RelayFactory(RelayConfig(history=HISTORY), reactor=Clock())
     publisher = joined(factory, "publisher")
-    for index in range(MEMBERS):
-        features = (("compression",) if index < COMPRESSING else ()) + tuple(FEATURES)
-        joined(factory, f"subscriber-{index}", features)
+    if os.environ.get("WEBSOCKET"):
+        from relay.server.websocket import make_site
+
+        site = make_site(factory)
+        for index in range(MEMBERS):
+            joined_websocket(site, factory, f"subscriber-{index}")
+    else:
+        for index in range(MEMBERS):
+            features = (("compression",) if index < COMPRESSING else ()) + tuple(FEATURES)
+            joined(factory, f"subscriber-{index}", features)
     read = message() * PER_READ
     best = float("inf")
     for _ in range(rounds):

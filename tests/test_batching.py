@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from zope.interface import directlyProvides
 
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.fanout import Fanout
 from relay.server.protocol import IMessageTransport, State
 from relay.wire import (
     Decoder,
@@ -50,6 +51,13 @@ class CountingTransport(StringTransport):
         self.writes += 1
         self.written.append(list(data))
         super().writeSequence(data)
+
+    def write_entries(self, entries: list[Any]) -> None:
+        """As a message transport is given the outbox: recorded frame by frame."""
+        frames = []
+        for entry in entries:
+            frames.extend(entry.frames if isinstance(entry, Fanout) else [entry])
+        self.writeSequence(frames)
 
 
 def joined_member(
@@ -240,6 +248,15 @@ class SharedFanoutTests(BatchingTestCase):
             [loads(Decoder().feed(frame).__next__().payload)["content"] for frame in sequence],
             [0, 1, 2],
         )
+
+    def test_message_transport_writes_count_each_byte_once(self) -> None:
+        publisher = joined_member(self.factory, "publisher")
+        websocket = joined_member(self.factory, "websocket", messages=True)
+        stats = self.factory.stats
+        before = stats.bytes_out
+        publisher.send(publish(3) + encode(MessageType.HEARTBEAT, 0, b""))
+        written = sum(map(len, websocket.transport.written[0])) + len(publisher.transport.value())
+        self.assertEqual(stats.bytes_out - before, written)
 
     def test_no_fanout_outlives_the_flush(self) -> None:
         publisher, subscriber = self.members(2)

@@ -60,7 +60,7 @@ class Member(Hashable, Protocol):
 class Fanout:
     """Frames broadcast to one room during one batch, shared by its members."""
 
-    __slots__ = ("frames", "size", "closed", "snapshot", "exclude", "one_by_one", "_joined")
+    __slots__ = ("frames", "size", "closed", "snapshot", "exclude", "one_by_one", "_joined", "framed")
 
     def __init__(self, snapshot: tuple[Member, ...], exclude: Member | None) -> None:
         self.frames: list[bytes] = []
@@ -72,6 +72,9 @@ class Fanout:
         # Members that take the frames one by one (paused ones).
         self.one_by_one: list[Member] = []
         self._joined: bytes | None = None
+        # The frames as WebSocket messages, made once for all the WebSocket
+        # members by relay.server.websocket (which closes the Fanout then).
+        self.framed: bytes | None = None
 
     def append(self, frame: bytes) -> None:
         self.frames.append(frame)

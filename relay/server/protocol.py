@@ -108,9 +108,13 @@ class _Held(Exception):
 class IMessageTransport(Interface):
     """A transport that keeps message boundaries (WebSocket).
 
-    Each element given to ``writeSequence`` is sent as one message, so the
-    protocol hands it frames one by one instead of joining them.
+    The protocol hands it outbox entries instead of joined bytes, and it
+    sends each frame as one message (a shared ``Fanout`` framed once for
+    all the members on such transports).
     """
+
+    def write_entries(entries: list[bytes | Fanout]) -> None:
+        """Send every frame of ``entries`` (frames and Fanouts), in order, one message each."""
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -782,17 +786,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             for frame in _frames_of(entries):
                 self._trace_out(frame)
         if self._keeps_message_boundaries:
-            frames = _frames_of(entries)
-            stats.frames_out += len(frames)
-            for entry in entries:
-                if type(entry) is not Fanout:
-                    stats.frames_out_by_type[entry[5]] += 1
-            stats.bytes_out += sum(map(len, frames))
-            size = sum(map(len, frames))
-            stats.bytes_out += size
-            self.transport.writeSequence(frames)
-            if self.state is _DRAINING:
-                self._paused_by_write(size)
+            self._write_messages(entries)
             return
         if len(entries) == 1:
             entry = entries[0]
@@ -818,6 +812,23 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.transport.write(data)
         if self.state is _DRAINING:
             self._paused_by_write(len(data))
+
+    def _write_messages(self, entries: list[bytes | Fanout]) -> None:
+        """Write outbox entries to a transport that keeps message boundaries."""
+        stats = self.factory.stats
+        size = 0
+        for entry in entries:
+            if type(entry) is Fanout:
+                stats.frames_out += len(entry.frames)
+                size += entry.size
+            else:
+                stats.frames_out += 1
+                stats.frames_out_by_type[entry[5]] += 1
+                size += len(entry)
+        stats.bytes_out += size
+        self.transport.write_entries(entries)
+        if self.state is _DRAINING:
+            self._paused_by_write(size)
 
     def _paused_by_write(self, size: int) -> None:
         """The write of ``size`` bytes paused us: the transport holds them too."""

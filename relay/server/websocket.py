@@ -8,7 +8,9 @@ adapter: the bytes of every binary message go to
 ``RelayProtocol.dataReceived``, so a frame may be split across messages and
 several frames may share one; towards the client, each frame is a message of
 its own (the transport provides ``IMessageTransport``, so the protocol hands
-it frames one by one).
+it its outbox, and ``MessageTransport.write_entries`` frames the messages and
+writes them to the socket at once, a broadcast's framing shared by every
+WebSocket member).
 
 Backpressure works as on TCP: the relay connection is registered as the push
 producer of the socket under the WebSocket, so it is paused (DRAINING) when
@@ -30,6 +32,7 @@ into its private ``_proto`` and ``_binaryMode``; this adapter is smaller.
 
 from __future__ import annotations
 
+import struct
 from importlib import resources
 from typing import Any, Iterable, Sequence
 
@@ -46,6 +49,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from relay.server.factory import RelayFactory
+from relay.server.fanout import Fanout
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.wsmapping import (
     ACCEPTED_SUBPROTOCOLS,
@@ -82,13 +86,115 @@ def origin_patterns(origins: Iterable[str]) -> list[str]:
     return patterns
 
 
+# Server-to-client frames (RFC 6455 section 5.2): FIN and the binary opcode,
+# never masked; the length in 7 bits, or 16, or 64 after a marker.
+_BINARY_FINAL = 0x82
+_SHORT_HEADERS = tuple(bytes((_BINARY_FINAL, size)) for size in range(126))
+_MEDIUM_HEADER = struct.Struct("!BBH")
+_LONG_HEADER = struct.Struct("!BBQ")
+
+
+def message_header(size: int) -> bytes:
+    """The header of one unfragmented, unmasked binary frame of ``size`` payload bytes."""
+    if size < 126:
+        return _SHORT_HEADERS[size]
+    if size < 0x10000:
+        return _MEDIUM_HEADER.pack(_BINARY_FINAL, 126, size)
+    return _LONG_HEADER.pack(_BINARY_FINAL, 127, size)
+
+
+def framed(fanout: Fanout, largest: int) -> bytes | None:
+    """A Fanout's frames as WebSocket messages, one each, made once for every member.
+
+    Closes the Fanout, as ``Fanout.join`` does: its bytes must not change
+    once made.  None if a frame is above ``largest``, the limit autobahn
+    enforces on every message it sends.
+    """
+    data = fanout.framed
+    if data is None:
+        fanout.close()
+        parts = []
+        for frame in fanout.frames:
+            if len(frame) > largest:
+                return None
+            parts.append(message_header(len(frame)))
+            parts.append(frame)
+        data = fanout.framed = b"".join(parts)
+    return data
+
+
+def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
+    frames: list[bytes] = []
+    for entry in entries:
+        if type(entry) is Fanout:
+            frames.extend(entry.frames)
+        else:
+            frames.append(entry)
+    return frames
+
+
 @implementer(IMessageTransport)
 class MessageTransport(BinaryMessageTransport):
     """The transport a ``RelayProtocol`` sees on a WebSocket connection.
 
     Writes become binary messages, one per frame (``relay.wsmapping``);
     a wss connection also shows its client certificate.
+
+    ``write_entries`` (the protocol's outbox) is the fast path: with
+    ``direct``, it frames the messages itself and writes them to the stream
+    under the WebSocket in one write, a shared Fanout's framing made once
+    for all its WebSocket members.  That is safe because a server's data
+    frames are unmasked, so every member gets the same bytes, and because
+    autobahn writes its own frames (pings, pongs, close) whole and at once
+    to the same stream: the two interleave at frame boundaries only.  It
+    is taken while the WebSocket is OPEN and autobahn is not in the middle
+    of a message of its own (``send_state``, its public sending state);
+    without ``direct`` (an extension such as permessage-deflate, or options
+    that make autobahn frame differently) every frame goes through
+    ``sendMessage``, as every write does.
     """
+
+    def __init__(self, websocket: Any, direct: bool, largest: int) -> None:
+        super().__init__(websocket)
+        self._direct = direct
+        self._largest = largest
+
+    def write_entries(self, entries: list[bytes | Fanout]) -> None:
+        """Send every frame of ``entries`` (frames and Fanouts), in order, one message each."""
+        websocket = self._websocket
+        if websocket.state != websocket.STATE_OPEN:
+            return  # closing: dropped, as ``write`` drops them
+        data = None
+        if self._direct and websocket.send_state == websocket.SEND_STATE_GROUND:
+            data = self._framed(entries)
+        if data is None:
+            self.writeSequence(_frames_of(entries))
+        else:
+            websocket.transport.write(data)
+
+    def _framed(self, entries: list[bytes | Fanout]) -> bytes | None:
+        """The messages of ``entries`` as stream bytes; None if one is too big."""
+        largest = self._largest
+        if len(entries) == 1:
+            entry = entries[0]
+            if type(entry) is Fanout:
+                return framed(entry, largest)
+            if len(entry) > largest:
+                return None
+            return message_header(len(entry)) + entry
+        parts = []
+        for entry in entries:
+            if type(entry) is Fanout:
+                data = framed(entry, largest)
+                if data is None:
+                    return None
+                parts.append(data)
+            elif len(entry) > largest:
+                return None
+            else:
+                parts.append(message_header(len(entry)))
+                parts.append(entry)
+        return b"".join(parts)
 
     def getPeerCertificate(self) -> Any:
         """The client certificate of a wss connection with mutual TLS."""
@@ -117,10 +223,19 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         # the relay connection is the stream's producer from now on.
         stream.unregisterProducer()
         self.relay = self.factory.relay_factory.buildProtocol(stream.getPeer())
-        self.relay.makeConnection(MessageTransport(self))
+        transport = MessageTransport(self, self._frames_as_autobahn_would(), self.maxMessagePayloadSize)
+        self.relay.makeConnection(transport)
         if ISSLTransport.providedBy(stream):
             # The TLS handshake finished before the upgrade request arrived.
             self.relay.handshakeCompleted()
+
+    def _frames_as_autobahn_would(self) -> bool:
+        """Whether ``message_header`` frames messages as autobahn would here.
+
+        Decided once the handshake is done, when the extensions in use are
+        settled: none (no compression), unmasked, unfragmented.
+        """
+        return not (self.websocket_extensions_in_use or self.maskServerFrames or self.autoFragmentSize)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Once either side has sent a close frame, later messages are moot.

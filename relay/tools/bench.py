@@ -32,11 +32,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 
 from relay.compression import COMPRESSION, compress_frame
 from relay.rlimits import raise_open_file_limit
+from relay.tools.bench_ws import client_endpoint
 from relay.wire import (
     HEADER,
     HEADER_SIZE,
@@ -634,10 +635,10 @@ class Bench:
         return connections
 
     async def _connect_all(self, connections: list[BenchConnection]) -> None:
-        endpoint = clientFromString(self.reactor, self.config.endpoint)
+        endpoint = client_endpoint(self.reactor, self.config.endpoint)
         publisher_endpoint = endpoint
         if self.config.publisher_endpoint:
-            publisher_endpoint = clientFromString(self.reactor, self.config.publisher_endpoint)
+            publisher_endpoint = client_endpoint(self.reactor, self.config.publisher_endpoint)
         semaphore = defer.DeferredSemaphore(CONNECT_CONCURRENCY)
 
         async def connect(connection: BenchConnection) -> None:
@@ -917,7 +918,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         description="Measure fan-out throughput and latency of a Relay v1 server.",
     )
     add = parser.add_argument
-    add("--endpoint", default=defaults.endpoint, help="Twisted client endpoint of the server [%(default)s].")
+    add("--endpoint", default=defaults.endpoint, help="Twisted client endpoint of the server, or a ws:// or wss:// URL [%(default)s].")
     add("--subscribers", type=_count, default=defaults.subscribers, help="Subscriber connections [%(default)s].")
     add("--publishers", type=_count, default=defaults.publishers, help="Publisher connections [%(default)s].")
     add("--rooms", type=_positive_int, default=defaults.rooms, help="Rooms; connections are dealt out round robin [%(default)s].")
