@@ -211,7 +211,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self._asked_acks = acks
         # Ids of sends written before the HELLO ack said whether acks are on.
         self._unconfirmed_sends: set[int] = set()
-        self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE)
+        self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE, known_types=frozenset(MessageType))
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._pings: collections.deque[tuple[int, float, defer.Deferred[float] | None]] = (
