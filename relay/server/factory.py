@@ -24,12 +24,15 @@ from relay.server.backplane import (
     DEFAULT_MEMBERSHIP_TTL,
     DEFAULT_REDIS_QUEUE,
     IBackplane,
+    IBackplaneChannels,
     IClusterNode,
     RedisAddress,
 )
 from relay.server.auth import Authenticator
+from relay.server.direct import DirectRegistry
 from relay.server.fanout import Batch
 from relay.server.limits import ServerLimits
+from relay.server.presence import DEFAULT_EVENTS_LIMIT, DEFAULT_LIST_LIMIT, Presence
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
@@ -71,6 +74,9 @@ class RelayConfig:
     max_connections_per_ip: int | None = None
     max_pending_total: int = 1024**3
     send_buffer: int = 256 * 1024
+    # Presence (relay.server.presence)
+    presence_list_limit: int = DEFAULT_LIST_LIMIT
+    presence_events_limit: int = DEFAULT_EVENTS_LIMIT
 
     @property
     def heartbeat_interval(self) -> int:
@@ -151,6 +157,13 @@ class RelayFactory(ServerFactory):
         self.shutting_down = False
         # What each live connection runs on, decided once when it opens.
         self._transport_kinds: dict[RelayProtocol, str] = {}
+        # The presence and direct extensions: nothing per message.
+        self.presence = Presence(self)
+        self.direct = DirectRegistry(self)
+        if IBackplaneChannels.providedBy(self.backplane):
+            from relay.server.redis_presence import attach
+
+            attach(self, self.backplane)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)

@@ -43,8 +43,10 @@ from relay.requests import (
     parse_room_request,
 )
 from relay.server.auth import Grant, Unauthorized
+from relay.server.direct import DIRECT, is_direct, offline_error, parse_direct
 from relay.server.fanout import Fanout
 from relay.server.limits import clip, rate_limited_error
+from relay.server.presence import PRESENCE
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
 from relay.wire import (
@@ -69,7 +71,7 @@ log = Logger()
 # HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
 ACKS = "acks"
 # The extensions this server offers, in the order its HELLO ack lists them.
-SUPPORTED_FEATURES = (ACKS,)
+SUPPORTED_FEATURES = (ACKS, PRESENCE, DIRECT)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -127,6 +129,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     _auth: Any = None  # relay.server.auth.Authenticator, when configured
     grant: Grant | None = None
     _auth_timer: Any = None
+    # Extensions (relay.server.presence, relay.server.direct), set by HELLO.
+    presence = False
+    direct = False
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
@@ -262,6 +267,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         for room in self.rooms:
             self.factory.registry.leave(self, room)
         self.rooms.clear()
+        if self.direct:
+            self.factory.direct.remove(self)
+        self.factory.flush()  # presence events of the leaves, outside any read
         self.factory.limits.release(self)
         self.factory.connection_closed(self)
         log.info(
@@ -427,6 +435,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.echo = hello.echo
         enabled = negotiate_features(hello.features)
         self.acks = ACKS in enabled
+        self._enable_extensions(enabled)
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -441,6 +450,81 @@ class RelayProtocol(Protocol, TimeoutMixin):
             },
             request_id,
         )
+        if PRESENCE in enabled and self._decoder.buffered:
+            # Frames after the HELLO in this read were not yet decoded with
+            # the PRESENCE type: go on with them on the next turn.
+            self._held = True
+            self._reactor.callLater(0, self._resume)
+            raise _Held()
+
+    def _enable_extensions(self, enabled: list[str]) -> None:
+        """Turn on the negotiated extensions that need handlers of their own."""
+        if PRESENCE in enabled:
+            self.presence = True
+            self._decoder.known_types = self._decoder.known_types | {MessageType.PRESENCE}
+            self._handlers[MessageType.PRESENCE] = self._on_presence
+        if DIRECT in enabled:
+            self.direct = True
+            self.factory.direct.add(self)
+            room_path = self._handlers[MessageType.MESSAGE]
+            self._handlers[MessageType.MESSAGE] = lambda frame: self._on_message_or_direct(room_path, frame)
+
+    def _on_presence(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.PRESENCE] += 1
+        self._requests_seen = True
+        reply = self.factory.presence.query(self, frame)
+        if isinstance(reply, Deferred):  # a cluster's list, from Redis: reply in order
+            self._hold(reply.addCallback(self._answer_held))
+        self.enqueue(reply)
+
+    def _on_message_or_direct(self, room_path: Callable[[Frame], None], frame: Frame) -> None:
+        """A MESSAGE of a direct-enabled connection: to a room, or (no
+        ``"room"``, a ``"to"``) to a user.  Rate limits apply to both."""
+        try:
+            room_path(frame)
+        except RequestError:
+            if not is_direct(frame):
+                raise
+        else:
+            return
+        request = parse_direct(frame)
+        delivered = self.factory.direct.send(self, frame)
+        if isinstance(delivered, Deferred):  # nobody here: did another node take it?
+            self._hold(delivered.addCallback(self._direct_answer, request).addCallback(self._answer_held))
+        self._answer_direct(delivered, request)
+
+    def _direct_answer(self, delivered: bool, request: Any) -> bytes | None:
+        if delivered:
+            return self._direct_ack(request)
+        refusal = offline_error(request.to, request.request_id)
+        self.factory.stats.errors_sent[refusal.code] += 1
+        return encode_error(refusal.code, refusal.message, refusal.request_id)
+
+    def _answer_direct(self, delivered: bool, request: Any) -> None:
+        if not delivered:
+            raise offline_error(request.to, request.request_id)
+        ack = self._direct_ack(request)
+        if ack is not None:
+            self.enqueue(ack)
+
+    def _direct_ack(self, request: Any) -> bytes | None:
+        if not self.acks or request.request_id is None:
+            return None
+        return encode_json(MessageType.MESSAGE, {"status": "published", "to": request.to, "id": request.request_id})
+
+    def _answer_held(self, frame: bytes | None) -> None:
+        """The answer a held request waited for: send it, then go on with
+        the frames that arrived meanwhile."""
+        if frame is not None and self.accepting:
+            self.enqueue(frame)
+        if IPushProducer.providedBy(self.transport):
+            self.transport.resumeProducing()
+        self._resume()
+
+    def _resume(self) -> None:
+        self._held = False
+        if self.accepting:
+            self.dataReceived(b"")
 
     def _on_join(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1
@@ -486,6 +570,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._held = False
         if not self.accepting:
             return
+        self.factory.presence.counted(room, members)
         self.factory.registry.join(self, room)
         self._reply(
             MessageType.JOIN_ROOM, {"status": "joined", "room": room, "members": members}, request_id

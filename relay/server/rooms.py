@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from twisted.internet import defer
 
@@ -134,6 +134,9 @@ class RoomRegistry:
         self.peak_rooms = 0
         self.backplane: IBackplane = backplane if backplane is not None else LocalBackplane()
         self._forwarding = self.backplane.clustered
+        # Told of every change of membership (relay.server.presence): an
+        # object with joined(room, member) and left(room, member), or None.
+        self.watcher: Any = None
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -155,7 +158,10 @@ class RoomRegistry:
             room = ForwardingRoom(name, self.backplane) if self._forwarding else Room(name)
             self._rooms[name] = room
             self.peak_rooms = max(self.peak_rooms, len(self._rooms))
+        size = len(room)
         room.add(member)
+        if self.watcher is not None and len(room) != size:
+            self.watcher.joined(room, member)
         return room
 
     def count_members(self, name: str, new: bool) -> defer.Deferred[int] | int | None:
@@ -179,6 +185,9 @@ class RoomRegistry:
         room = self._rooms.get(name)
         if room is None:
             return
+        size = len(room)
         room.discard(member)
         if not room:
             del self._rooms[name]
+        if self.watcher is not None and len(room) != size:
+            self.watcher.left(room, member)
