@@ -11,12 +11,13 @@ import time
 from typing import Any
 
 from twisted.internet import endpoints, reactor
+from twisted.trial import unittest
 
 from relay import __version__
-from relay.server.auth import ApiKeyFile, Authenticator, JwtVerifier
+from relay.server.auth import ApiKeyFile, AuthConfigError, Authenticator, JwtVerifier, Unauthorized
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import ErrorCode, Flags, MessageType, encode, encode_json, loads
-from tests.authkeys import SECRET, claims, mint
+from tests.authkeys import SECRET, KeyFiles, claims, mint
 from tests.support import FrameClient, IntegrationTestCase, connect_frame_client, wait_until
 
 HEARTBEAT = (MessageType.HEARTBEAT, Flags.NONE, b"")
@@ -333,3 +334,16 @@ class AuthTests(AuthenticatedCase):
         await alice.join("lobby")
         kind, body = await alice.request(PRESENCE, {"room": "lobby", "id": 6})
         self.assertEqual((kind, body["count"]), (PRESENCE, 1))
+
+
+class DirectGrantParsingTests(unittest.TestCase):
+    def test_only_a_boolean_direct_is_a_grant(self) -> None:
+        files = KeyFiles(self)
+        tokens = files.api_keys({"k" * 20: {"user": "a", "rooms": [], "direct": "yes"}})
+        with self.assertRaises(AuthConfigError):
+            ApiKeyFile(tokens)
+        verifier = JwtVerifier(files.secret(), leeway=0)
+        with self.assertRaises(Unauthorized):
+            verifier.verify(mint(claims(sub="a", now=time.time(), direct=1)), time.time())
+        self.assertTrue(verifier.verify(mint(claims(sub="a", now=time.time(), direct=True)), time.time()).direct)
+        self.assertFalse(verifier.verify(mint(claims(sub="a", now=time.time())), time.time()).direct)
