@@ -24,17 +24,7 @@ from twisted.internet import defer
 
 from relay.requests import MAX_USER_ID, RequestError, has_control_character, json_body
 from relay.server.limits import clip
-from relay.wire import (
-    MAX_ENVELOPE,
-    ErrorCode,
-    Flags,
-    Frame,
-    JSONTooDeep,
-    MessageType,
-    ProtocolError,
-    encode_json,
-    loads,
-)
+from relay.wire import MAX_ENVELOPE, ErrorCode, Flags, Frame, MessageType, ProtocolError, encode_json
 
 if TYPE_CHECKING:
     from relay.server.factory import RelayFactory
@@ -51,21 +41,20 @@ class DirectRequest(NamedTuple):
     content: Any
 
 
-def is_direct(frame: Frame) -> bool:
-    """Whether a MESSAGE the room path refused is a direct one: a JSON
-    object with ``"to"`` and no ``"room"``."""
+def direct_request(frame: Frame) -> DirectRequest | None:
+    """The direct message a MESSAGE the room path refused carries: a JSON
+    object with ``"to"`` and no ``"room"``; None if it is not one.
+
+    Raises RequestError (BAD_REQUEST) for a malformed one.
+    """
     if not frame.flags & _JSON:
-        return False
+        return None
     try:
-        body = loads(frame.payload)
-    except (ProtocolError, JSONTooDeep):
-        return False
-    return type(body) is dict and "to" in body and "room" not in body
-
-
-def parse_direct(frame: Frame) -> DirectRequest:
-    """``{"to", "content", "id"?}``; RequestError (BAD_REQUEST) if malformed."""
-    body, request_id = json_body(frame)
+        body, request_id = json_body(frame)
+    except (RequestError, ProtocolError):
+        return None  # the room path's refusal says it
+    if "to" not in body or "room" in body:
+        return None
     to = body.get("to")
     if not isinstance(to, str) or not 0 < len(to) <= MAX_USER_ID or has_control_character(to):
         raise RequestError(
@@ -113,13 +102,13 @@ class DirectRegistry:
         """The user ids with direct-enabled connections here."""
         return list(self._users)
 
-    def send(self, sender: Any, frame: Frame) -> defer.Deferred[bool] | bool:
-        """Deliver a direct MESSAGE from ``sender``.
+    def send(self, sender: Any, request: DirectRequest) -> defer.Deferred[bool] | bool:
+        """Deliver a direct message from ``sender``.
 
         True if some connection got it; in a cluster, when none here did, a
         Deferred of whether one on another node did.  Raises RequestError.
         """
-        request_id, to, content = parse_direct(frame)
+        request_id, to, content = request
         grant = sender.grant
         if grant is not None and not grant.direct:
             raise RequestError(

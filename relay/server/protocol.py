@@ -43,7 +43,7 @@ from relay.requests import (
     parse_room_request,
 )
 from relay.server.auth import Grant, Unauthorized
-from relay.server.direct import DIRECT, is_direct, offline_error, parse_direct
+from relay.server.direct import DIRECT, direct_request, offline_error
 from relay.server.fanout import Fanout
 from relay.server.limits import clip, rate_limited_error
 from relay.server.presence import PRESENCE
@@ -482,13 +482,12 @@ class RelayProtocol(Protocol, TimeoutMixin):
         ``"room"``, a ``"to"``) to a user.  Rate limits apply to both."""
         try:
             room_path(frame)
-        except RequestError:
-            if not is_direct(frame):
-                raise
-        else:
             return
-        request = parse_direct(frame)
-        delivered = self.factory.direct.send(self, frame)
+        except RequestError:
+            request = direct_request(frame)
+            if request is None:
+                raise
+        delivered = self.factory.direct.send(self, request)
         if isinstance(delivered, Deferred):  # nobody here: did another node take it?
             self._hold(delivered.addCallback(self._direct_answer, request).addCallback(self._answer_held))
         self._answer_direct(delivered, request)
