@@ -461,7 +461,8 @@ class ChatSession(LineReceiver):
         if not room:
             self._usage("usage: who <room> (or join a room first)")
             return
-        self._track(self.client.who(room).addCallback(lambda members: self.console.news(format_members(members))))
+        listing = self.client.who(room)
+        self._track(listing.addCallback(lambda members: self.console.news(format_members(members))))
 
     def do_heartbeat(self, argument: str) -> None:
         pinging = self.client.heartbeat()

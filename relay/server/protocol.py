@@ -489,7 +489,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 raise
         delivered = self.factory.direct.send(self, request)
         if isinstance(delivered, Deferred):  # nobody here: did another node take it?
-            self._hold(delivered.addCallback(self._direct_answer, request).addCallback(self._answer_held))
+            answer = delivered.addCallback(self._direct_answer, request)
+            self._hold(answer.addCallback(self._answer_held))  # raises: no frame until then
         self._answer_direct(delivered, request)
 
     def _direct_answer(self, delivered: bool, request: Any) -> bytes | None:
@@ -509,7 +510,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _direct_ack(self, request: Any) -> bytes | None:
         if not self.acks or request.request_id is None:
             return None
-        return encode_json(MessageType.MESSAGE, {"status": "published", "to": request.to, "id": request.request_id})
+        ack = {"status": "published", "to": request.to, "id": request.request_id}
+        return encode_json(MessageType.MESSAGE, ack)
 
     def _answer_held(self, frame: bytes | None) -> None:
         """The answer a held request waited for: send it, then go on with
