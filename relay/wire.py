@@ -41,6 +41,12 @@ class MessageType(enum.IntEnum):
     MESSAGE = 0x04
     HEARTBEAT = 0x05
     ERROR = 0x06
+    # Extensions: decoded only on connections that negotiated them.
+    PRESENCE = 0x07
+
+
+# The types every connection knows; extension types are added per connection.
+BASE_TYPES = frozenset(t for t in MessageType if t <= MessageType.ERROR)
 
 
 class Flags(enum.IntFlag):
@@ -72,6 +78,7 @@ class ErrorCode(enum.StrEnum):
     NOT_IN_ROOM = "NOT_IN_ROOM"
     RATE_LIMITED = "RATE_LIMITED"
     FORBIDDEN = "FORBIDDEN"
+    USER_OFFLINE = "USER_OFFLINE"
 
     @property
     def fatal(self) -> bool:
@@ -85,6 +92,7 @@ _NON_FATAL = frozenset(
         ErrorCode.NOT_IN_ROOM,
         ErrorCode.RATE_LIMITED,
         ErrorCode.FORBIDDEN,
+        ErrorCode.USER_OFFLINE,
     }
 )
 
@@ -157,7 +165,7 @@ class Decoder:
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        known_types: frozenset[int] = frozenset(MessageType),
+        known_types: frozenset[int] = BASE_TYPES,
         allow_compressed: bool = False,
     ) -> None:
         self.max_frame_size = max_frame_size

@@ -83,6 +83,18 @@ class RelayTokenTests(unittest.TestCase):
         tokens = self.files.api_keys(document)
         self.assertEqual(Authenticator(ApiKeyFile(tokens)).authenticate(key, 0).user_id, "carol")
 
+    def test_direct_grants_direct_messages_in_jwts_and_api_keys(self) -> None:
+        secret = self.path("secret.key")
+        run("--new-secret", secret)
+        verifier = JwtVerifier(secret, leeway=0)
+        granted = run("--key", secret, "--sub", "alice", "--rooms", "lobby", "--direct")
+        plain = run("--key", secret, "--sub", "bob", "--rooms", "lobby")
+        self.assertTrue(verifier.verify(granted, time.time()).direct)
+        self.assertFalse(verifier.verify(plain, time.time()).direct)
+        tokens = self.path("tokens.json")
+        key = run("--api-key", "--sub", "carol", "--rooms", "lobby", "--direct", "--tokens-file", tokens)
+        self.assertTrue(Authenticator(ApiKeyFile(tokens)).authenticate(key, 0).direct)
+
     def test_durations(self) -> None:
         self.assertEqual([relay_token.parse_duration(d) for d in ("90", "90s", "15m", "1h", "2d", "1.5h")],
                          [90, 90, 900, 3600, 172800, 5400])

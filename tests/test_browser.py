@@ -13,13 +13,13 @@ import tempfile
 from typing import Any, Callable
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.server import websocket
 from relay.server.factory import RelayConfig, RelayFactory
-from relay.wire import MessageType
+from relay.wire import ErrorCode, MessageType
 from tests.support import FrameClient, _disconnect
 
 try:
@@ -146,3 +146,89 @@ class DemoPageInBrowserTests(unittest.TestCase):
         self.assertIn(base_url, seen["requests"])
         elsewhere = [url for url in seen["requests"] if not url.startswith((base_url, "data:"))]
         self.assertEqual(elsewhere, [])
+
+
+def drive_reconnecting_page(base_url: str, server: Callable[[str], Any]) -> dict[str, Any]:
+    """In a thread: the page joins ``demo`` and shows its members; then the
+    server shuts down and drops the link (``server("shutdown")``,
+    ``server("drop")``, run on the reactor), and the page must come back,
+    re-join and list its members again each time."""
+    errors: list[str] = []
+    profile = tempfile.mkdtemp(prefix="relay-chromium-")
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+            )
+            try:
+                page = context.new_page()
+                page.set_default_timeout(STEP_TIMEOUT)
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(base_url)
+                page.fill("#user", "browser")
+                page.click("#connect")
+                page.wait_for_selector('#status[data-state="connected"]')
+                page.fill("#room", "demo")
+                page.click("#join")
+                page.locator("#members li", has_text="term").wait_for()
+                page.locator("#members li", has_text="browser").wait_for()
+                server("join")
+                page.locator("#members li", has_text="late").wait_for()
+                page.locator("#log li.presence", has_text="late joined demo").wait_for()
+                server("leave")
+                page.locator("#members li", has_text="late").wait_for(state="detached")
+                lists = []
+                for step in ("shutdown", "drop"):
+                    rejoined = page.locator("#log li", has_text="joined demo").count() + 1
+                    server(step)
+                    page.locator("#log li", has_text="reconnecting in").nth(len(lists)).wait_for()
+                    page.locator("#log li", has_text="joined demo").nth(rejoined - 1).wait_for()
+                    page.locator("#members li", has_text="browser").wait_for()
+                    lists.append(page.inner_text("#members"))
+                return {"log": page.inner_text("#log"), "lists": lists, "errors": errors}
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class DemoPageReconnectTests(unittest.TestCase):
+    if missing_browser() and not REQUIRED:
+        skip = missing_browser()
+
+    # The same server as the exchange test: one factory, HTTP and TCP listeners.
+    setUp = DemoPageInBrowserTests.setUp
+    listen = DemoPageInBrowserTests.listen
+
+    async def test_member_list_follows_presence_and_the_page_reconnects(self) -> None:
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
+        terminal = await endpoints.connectProtocol(tcp, FrameClient())
+        self.addCleanup(_disconnect, terminal)
+        await terminal.hello(userId="term")
+        await terminal.join("demo")
+        late = await endpoints.connectProtocol(tcp, FrameClient())
+        self.addCleanup(_disconnect, late)
+        await late.hello(userId="late")
+
+        async def step(name: str) -> None:
+            if name == "join":
+                await late.join("demo")
+            elif name == "leave":
+                await late.request(MessageType.LEAVE_ROOM, {"room": "demo"})
+            elif name == "shutdown":
+                # SERVER_SHUTDOWN to the page only; the TCP member stays.
+                [page] = [c for c in self.factory.connections if c.user_id == "browser"]
+                page.fail(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down")
+            else:
+                [page] = [c for c in self.factory.connections if c.user_id == "browser"]
+                page.transport.abortConnection()
+
+        base_url = f"http://127.0.0.1:{self.http_port.getHost().port}/"
+        seen = await deferToThread(
+            drive_reconnecting_page, base_url,
+            lambda name: blockingCallFromThread(reactor, lambda: defer.ensureDeferred(step(name))),
+        )
+        self.assertEqual(seen["errors"], [])
+        self.assertEqual(seen["lists"], ["browser\nterm", "browser\nterm"])
+        self.assertIn("closed by the server (SERVER_SHUTDOWN); reconnecting in", seen["log"])
+        self.assertIn("connection lost; reconnecting in", seen["log"])

@@ -29,7 +29,7 @@ from relay.wire import (
     encode_binary_message,
     encode_error,
 )
-from tests.support import IntegrationTestCase
+from tests.support import IntegrationTestCase, wait_until
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__)))
 STAMPED_LINE = r"^\[\d\d:\d\d:\d\d\] "
@@ -501,6 +501,73 @@ class ChatTests(CLITestCase):
         await dave.wait_for(STAMPED_LINE + r"\[lobby\] dave: talking to myself$")
         dave.type("quit")
         self.assertEqual(await dave.ended, 0)
+
+
+class PresenceAndDirectTests(CLITestCase):
+    """Joins and leaves, who, and direct messages, between real clients."""
+
+    async def test_joins_and_leaves_are_shown(self) -> None:
+        alice = await self.user("alice", terminal=True)
+        alice.type("join lobby")
+        await alice.wait_for(r"^\* joined lobby \(1 member\)$")
+
+        async def shown(line: str, times: int) -> None:
+            await wait_until(lambda: alice.lines["out"].count(line) == times, f"{line!r} {times} times")
+
+        carol = await self.user("carol")
+        carol.type("join lobby")
+        await shown("* carol joined lobby", 1)
+        carol.type("leave lobby")
+        await shown("* carol left lobby", 1)
+        carol.type("join lobby")
+        await shown("* carol joined lobby", 2)
+        carol.transport.signalProcess("KILL")  # a dropped client is a leave too
+        await shown("* carol left lobby", 2)
+        alice.type("quit")
+        self.assertEqual(await alice.ended, 0)
+        alice.assert_quiet(self)
+
+    async def test_who_lists_the_members_of_a_room(self) -> None:
+        bob = await self.user("bob")
+        bob.type("join lobby")
+        await bob.wait_for(r"^\* joined lobby")
+        script = self.run_script("join lobby", "who", "who lobby")
+        self.assertEqual(await script.ended, 0)
+        listed = re.findall(r"^\* lobby: (.*) - 2 users$", script.out, re.M)
+        self.assertEqual(len(listed), 2, script.out)
+        names = listed[0].split(", ")
+        self.assertEqual(names[1], "bob")
+        self.assertTrue(names[0].startswith("anon-"), names)  # the script's own anonymous id
+
+    async def test_who_of_a_room_not_joined_exits_1(self) -> None:
+        script = self.run_script("who nowhere")
+        self.assertEqual(await script.ended, 1)
+        self.assertIn("NOT_IN_ROOM", script.err)
+
+    async def test_msg_sends_a_direct_message_shown_distinctly(self) -> None:
+        dave = await self.user("dave", terminal=True)
+        erin = await self.user("erin")
+        erin.type("msg dave just between us")
+        await erin.wait_for(r"^✓ @dave$")
+        await dave.wait_for(STAMPED_LINE + r"\(direct\) erin: just between us$")
+        dave.type("quit")
+        self.assertEqual(await dave.ended, 0)
+        dave.assert_quiet(self)
+
+    async def test_msg_to_a_user_offline_exits_1_with_user_offline(self) -> None:
+        script = self.run_script("msg nobody hello?")
+        self.assertEqual(await script.ended, 1)
+        self.assertIn("USER_OFFLINE", script.err)
+
+    async def test_wait_for_counts_direct_messages_as_json_lines(self) -> None:
+        waiting = spawn(self, self.endpoint(), "--user", "frank", "--json", "--wait-for", "1", name="frank")
+        await waiting.wait_for(r"^\* connected", stream="err")
+        sender = self.run_script("msg frank {}")
+        self.assertEqual(await sender.ended, 0)
+        self.assertEqual(await waiting.ended, 0)
+        record = json.loads(waiting.lines["out"][-1])
+        self.assertEqual((record["direct"], record["to"], record["from"], record["content"]),
+                         (True, "frank", record["from"], "{}"))
 
 
 class FormattingTests(unittest.TestCase):

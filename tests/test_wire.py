@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relay.wire import (
+    BASE_TYPES,
     HEADER_SIZE,
     Decoder,
     ErrorCode,
@@ -31,7 +32,7 @@ VALID_FLAGS = [Flags.NONE, Flags.JSON, Flags.BINARY]
 
 frames = st.builds(
     Frame,
-    type=st.sampled_from(list(MessageType)),
+    type=st.sampled_from(sorted(BASE_TYPES)),
     flags=st.sampled_from(VALID_FLAGS),
     payload=st.binary(max_size=300),
 )
@@ -67,8 +68,12 @@ class EncodeTests(unittest.TestCase):
         for type_ in MessageType:
             for flags in VALID_FLAGS:
                 payload = b'{"a":1}' if flags == Flags.JSON else b"\x00\xff"
-                decoded = list(Decoder().feed(encode(type_, flags, payload)))
+                decoded = list(Decoder(known_types=frozenset(MessageType)).feed(encode(type_, flags, payload)))
                 self.assertEqual(decoded, [Frame(type_, flags, payload)])
+
+    def test_extension_types_are_not_known_by_default(self) -> None:
+        self.assertNotIn(MessageType.PRESENCE, Decoder().known_types)
+        self.assertEqual(Decoder().known_types, BASE_TYPES)
 
     def test_error_frame_carries_code_fatality_and_id(self) -> None:
         (frame,) = Decoder().feed(encode_error(ErrorCode.NOT_IN_ROOM, "nope", request_id=7))
@@ -88,6 +93,7 @@ class EncodeTests(unittest.TestCase):
                 ErrorCode.NOT_IN_ROOM,
                 ErrorCode.RATE_LIMITED,
                 ErrorCode.FORBIDDEN,
+                ErrorCode.USER_OFFLINE,
             },
         )
 

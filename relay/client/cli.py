@@ -40,7 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.client import Message, ReconnectingClient, RelayError
+from relay.client import DirectMessage, MemberList, Message, PresenceEvent, ReconnectingClient, RelayError
 from relay.wire import dumps
 
 DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=4000"
@@ -79,6 +79,8 @@ commands:
   leave [<room>]       leave a room (default: the current room)
   send <text>          send text to the current room
   send #<room> <text>  send text to another room you are in
+  msg <user> <text>    send text to a user, wherever they are connected
+  who [<room>]         list the members of a room (default: the current room)
   heartbeat            measure the round trip to the server
   rooms                list the rooms you are in
   help                 show this list
@@ -111,6 +113,41 @@ def format_message(message: Message) -> str:
     else:
         text = dumps(message.content).decode()
     return f"[{stamp}] [{printable(message.room)}] {printable(message.sender)}: {printable(text)}"
+
+
+def format_direct(message: DirectMessage) -> str:
+    """One direct message as ``[HH:MM:SS] (direct) user: text``."""
+    seconds = message.timestamp / 1000 if message.timestamp is not None else time.time()
+    stamp = time.strftime("%H:%M:%S", time.localtime(seconds))
+    text = message.content if isinstance(message.content, str) else dumps(message.content).decode()
+    return f"[{stamp}] (direct) {printable(message.sender)}: {printable(text)}"
+
+
+def direct_json(message: DirectMessage) -> str:
+    """One direct message as a JSON line: ``to``, ``from``, ``content``, ``"direct": true``."""
+    record: dict[str, Any] = {"direct": True, "to": message.to, "from": message.sender,
+                              "content": message.content}
+    if message.timestamp is not None:
+        record["timestamp"] = message.timestamp
+    line = dumps(record).decode("utf-8")
+    return _TERMINAL_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
+
+
+def format_presence(event: PresenceEvent) -> str:
+    """A join or leave as ``* carol joined lobby`` / ``* carol left lobby``."""
+    verb = "joined" if event.event == "join" else "left"
+    return f"* {printable(event.user_id)} {verb} {printable(event.room)}"
+
+
+def format_members(members: MemberList) -> str:
+    """A member list as ``* lobby: alice, bob (2 connections) - 2 users``."""
+    names = ", ".join(
+        printable(user) + (f" ({connections} connections)" if connections > 1 else "")
+        for user, connections in members.members
+    )
+    noun = "user" if members.count == 1 else "users"
+    more = f", {members.count - len(members.members)} more not listed" if members.truncated else ""
+    return f"* {printable(members.room)}: {names or 'nobody'} - {members.count} {noun}{more}"
 
 
 def message_json(message: Message) -> str:
@@ -203,6 +240,9 @@ class Console:
     def message(self, message: Message) -> None:
         self._to_stdout(message_json(message) if self.json_lines else format_message(message))
 
+    def direct(self, message: DirectMessage) -> None:
+        self._to_stdout(direct_json(message) if self.json_lines else format_direct(message))
+
     def error(self, text: str) -> None:
         """A request refused or failed, or the session ending badly."""
         self._problem("!", text)
@@ -275,6 +315,8 @@ class ChatSession(LineReceiver):
             "join": self.do_join,
             "leave": self.do_leave,
             "send": self.do_send,
+            "msg": self.do_msg,
+            "who": self.do_who,
             "heartbeat": self.do_heartbeat,
             "rooms": self.do_rooms,
             "help": self.do_help,
@@ -288,6 +330,8 @@ class ChatSession(LineReceiver):
         client.on_message = self._message
         client.on_error = self._refused
         client.on_recovered = self._recovered
+        client.on_presence = self._presence
+        client.on_direct = self._message
 
     @property
     def script(self) -> bool:
@@ -405,6 +449,23 @@ class ChatSession(LineReceiver):
         # Without the acks extension (an older server) there is nothing to confirm.
         if seq is not None:
             self.console.news(f"✓ {printable(room)} #{seq}")
+
+    def do_msg(self, argument: str) -> None:
+        user, _, text = argument.partition(" ")
+        text = text.strip()
+        if not user or not text:
+            self._usage("usage: msg <user> <text>")
+            return
+        sending = self.client.send_direct(user, text)
+        self._track(sending.addCallback(lambda _: self.console.news(f"✓ @{printable(user)}")))
+
+    def do_who(self, argument: str) -> None:
+        room = argument or self.current_room
+        if not room:
+            self._usage("usage: who <room> (or join a room first)")
+            return
+        listing = self.client.who(room)
+        self._track(listing.addCallback(lambda members: self.console.news(format_members(members))))
 
     def do_heartbeat(self, argument: str) -> None:
         pinging = self.client.heartbeat()
@@ -576,12 +637,15 @@ class ChatSession(LineReceiver):
         self.console.error(f"cannot continue: {describe_failure(reason)}{hint}")
         self._finish(EXIT_FAILED if reason.check(RelayError) else EXIT_UNREACHABLE)
 
-    def _message(self, message: Message) -> None:
+    def _message(self, message: Message | DirectMessage) -> None:
         wanted = self.settings.wait_for
         if wanted and self._received >= wanted:
             return  # the run is ending: exactly the messages asked for are shown
         self._received += 1
-        self.console.message(message)
+        if isinstance(message, DirectMessage):
+            self.console.direct(message)
+        else:
+            self.console.message(message)
         if wanted and self._received == wanted:
             self.end_input()
         self._maybe_finish()
@@ -592,6 +656,9 @@ class ChatSession(LineReceiver):
             self.console.news(f"* recovered {missed} {noun} in {printable(room)}")
         else:
             self.console.news(f"* could not recover {printable(room)}: history lost")
+    def _presence(self, event: PresenceEvent) -> None:
+        if not self.finished.called:
+            self.console.news(format_presence(event))
 
     def _refused(self, relay_error: RelayError) -> None:
         # A refusal no request was waiting for: a message sent without acks,
@@ -740,7 +807,7 @@ def _build_client(reactor: Any, options: argparse.Namespace) -> ReconnectingClie
         return ReconnectingClient(
             reactor, options.endpoint, user=options.user, token=options.token, echo=options.echo,
             ca_file=options.ca_file, client_cert=options.client_cert, acks=True, history=True,
-            compression=options.compress,
+            compression=options.compress, presence=True, direct=True,
             token_provider=provider,
         )
     except Exception as problem:  # a bad description, an unreadable PEM file...

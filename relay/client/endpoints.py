@@ -161,7 +161,7 @@ def connect(reactor: Any, description: str, *, user: str | None = None,
             token: str | None = None, echo: bool = False, ca_file: str | None = None,
             client_cert: str | None = None,
             token_provider: TokenProvider | None = None,
-            compression: bool = False) -> defer.Deferred[RelayClientProtocol]:
+            **extensions: bool) -> defer.Deferred[RelayClientProtocol]:
     """Connect once; fires with a ``RelayClientProtocol`` after the HELLO ack.
 
     ``description`` is a Twisted client endpoint string (``tcp:``, ``tls:``,
@@ -169,18 +169,17 @@ def connect(reactor: Any, description: str, *, user: str | None = None,
     against the system's trust store unless ``ca_file`` is given.
     ``token`` goes into HELLO; or ``token_provider``, a callable returning a
     token or a Deferred of one, is called first for a fresh token.
-    ``compression`` asks for the compression extension.
-    A refused HELLO fails with ``RelayError``.
+    A refused HELLO fails with ``RelayError``.  ``extensions`` are the
+    protocol's flags: ``acks=True``, ``compression=True``, ``history=True``,
+    ``presence=True``, ``direct=True``.
     """
     if token is not None and token_provider is not None:
         raise ValueError("give a token or a token provider, not both")
     endpoint = build_endpoint(reactor, description, ca_file, client_cert)
     if token_provider is None:
-        return _handshake(
-            endpoint, RelayClientFactory(reactor, user=user, token=token, echo=echo, compression=compression)
-        )
+        return _handshake(endpoint, RelayClientFactory(reactor, user=user, token=token, echo=echo, **extensions))
     return fetch_token(token_provider).addCallback(
         lambda fresh: _handshake(
-            endpoint, RelayClientFactory(reactor, user=user, token=fresh, echo=echo, compression=compression)
+            endpoint, RelayClientFactory(reactor, user=user, token=fresh, echo=echo, **extensions)
         )
     )

@@ -62,6 +62,9 @@ MISSED_HEARTBEATS = 2
 ACKS = "acks"
 # The HELLO extension that replays, on a join with since, what was missed.
 HISTORY = "history"
+# Join/leave events and member lists; messages to users.
+PRESENCE = "presence"
+DIRECT = "direct"
 
 
 class RelayError(Exception):
@@ -125,6 +128,40 @@ class Message:
     binary: bool = False
     epoch: str | None = None
     replayed: bool = False
+
+
+@dataclass(frozen=True)
+class PresenceEvent:
+    """A member joined or left one of this connection's rooms (``presence``).
+
+    ``event`` is ``"join"`` or ``"leave"``; a disconnect is a leave.
+    """
+
+    room: str
+    event: str
+    user_id: str
+    connection_id: str
+
+
+@dataclass(frozen=True)
+class MemberList:
+    """Who is in a room (``who()``): ``members`` lists (user id, connections),
+    ``count`` the distinct users, ``truncated`` whether the list was capped."""
+
+    room: str
+    members: list[tuple[str, int]]
+    count: int
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class DirectMessage:
+    """A message sent to this connection's user (``direct``), not to a room."""
+
+    to: str
+    sender: str
+    content: Any = None
+    timestamp: int | None = None
 
 
 class MessageStream:
@@ -226,16 +263,22 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
     acks; ``join(room, since=...)`` has the server replay what came after
     it, and a delivery seen already (same epoch, seq not past the
     position) is dropped, so none reaches the application twice.
+
+    ``presence=True`` asks for join/leave events (``on_presence`` and
+    ``presence_events()``, each a ``PresenceEvent``) and lets ``who(room)``
+    ask for a room's members.  ``direct=True`` asks for direct messages:
+    ``send_direct(user, content)`` and, for messages to this user,
+    ``on_direct`` and ``direct_messages()`` (each a ``DirectMessage``).
     """
 
     def __init__(self, reactor: Any, user: str | None = None, token: str | None = None,
                  echo: bool = False, acks: bool = False, compression: bool = False,
-                 compress_min: int = DEFAULT_COMPRESS_MIN, history: bool = False) -> None:
+                 compress_min: int = DEFAULT_COMPRESS_MIN, history: bool = False,
+                 presence: bool = False, direct: bool = False) -> None:
         self._reactor = reactor
         self.callLater = reactor.callLater  # for TimeoutMixin
-        features = ([ACKS] if acks else []) + ([COMPRESSION] if compression else [])
-        if history:
-            features.append(HISTORY)
+        asked = ((ACKS, acks), (COMPRESSION, compression), (HISTORY, history), (PRESENCE, presence), (DIRECT, direct))
+        features = [name for name, wanted in asked if wanted]
         self._hello = _hello_body(user, token, echo, features)
         self._asked_acks = acks
         self._asked_compression = compression
@@ -247,7 +290,7 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self.positions: dict[str, tuple[int, str]] = {}
         # Ids of sends written before the HELLO ack said whether acks are on.
         self._unconfirmed_sends: set[int] = set()
-        self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE)
+        self._decoder = Decoder(DEFAULT_MAX_FRAME_SIZE + MAX_ENVELOPE, known_types=frozenset(MessageType))
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._pings: collections.deque[tuple[int, float, defer.Deferred[float] | None]] = (
@@ -265,6 +308,11 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE
         self.on_message: Callable[[Message], Any] | None = None
         self.on_error: Callable[[RelayError], Any] = default_error_handler
+        # The presence and direct extensions.
+        self._presence_hub = MessageHub()
+        self._direct_hub = MessageHub()
+        self.on_presence: Callable[[PresenceEvent], Any] | None = None
+        self.on_direct: Callable[[DirectMessage], Any] | None = None
 
     # Public API
 
@@ -322,6 +370,48 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             if known is None or known[1] != epoch or known[0] < seq:
                 self.positions[room] = (seq, epoch)
         return ack
+
+    @property
+    def presence_enabled(self) -> bool:
+        """Whether the server sends presence events and answers ``who()``."""
+        return PRESENCE in self.features
+
+    @property
+    def direct_enabled(self) -> bool:
+        """Whether the server relays ``send_direct()`` and direct messages to this user."""
+        return DIRECT in self.features
+
+    def who(self, room: str) -> defer.Deferred[MemberList]:
+        """The members of ``room`` (one of this connection's rooms), across
+        the cluster; needs ``presence``.  Fails with the server's RelayError
+        (NOT_IN_ROOM, FORBIDDEN...)."""
+        return self._request(MessageType.PRESENCE, {"room": room}).addCallback(_member_list)
+
+    def send_direct(self, user: str, content: Any) -> defer.Deferred[None]:
+        """Send JSON ``content`` to every direct-enabled connection of ``user``.
+
+        With ``acks_enabled`` it fires once the server delivered it, or fails
+        with its RelayError (USER_OFFLINE, FORBIDDEN...); otherwise it fires
+        once written and a refusal reaches ``on_error``.
+        """
+        request_id = next(self._ids)
+        frame = encode_json(MessageType.MESSAGE, {"id": request_id, "to": user, "content": content})
+        if not (self.ready.called and self.acks_enabled):
+            return self._write_frame(frame)
+        problem = self._unsendable(frame)
+        if problem is not None:
+            return defer.fail(problem)
+        accepted = self._expect(request_id)
+        self.transport.write(frame)
+        return accepted.addCallback(lambda ack: None)
+
+    def presence_events(self) -> AsyncIterator[PresenceEvent]:
+        """An async iterator over the presence events received from now on."""
+        return self._presence_hub.subscribe()
+
+    def direct_messages(self) -> AsyncIterator[DirectMessage]:
+        """An async iterator over the direct messages received from now on."""
+        return self._direct_hub.subscribe()
 
     def leave(self, room: str) -> defer.Deferred[dict[str, Any]]:
         """Leave ``room``; fires with the ack body."""
@@ -429,6 +519,8 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
         else:
             self._fail_pending(Failure(connection_lost(self._close_reason)))
         self._hub.close()
+        self._presence_hub.close()
+        self._direct_hub.close()
         log.info("Relay connection closed: {why}", why=self._close_reason.getErrorMessage())
         waiters, self._closed_waiters = self._closed_waiters, []
         for waiter in waiters:
@@ -469,6 +561,8 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             self._on_heartbeat_echo(frame)
         elif frame.type == MessageType.ERROR:
             self._on_error(loads(frame.payload))
+        elif frame.type == MessageType.PRESENCE:
+            self._on_presence(loads(frame.payload))
         else:
             self._on_reply(loads(frame.payload))
 
@@ -505,6 +599,9 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             if self._asked_acks and _is_publish_ack(body):
                 self._on_reply(body)
                 return
+            if "to" in body and "room" not in body:
+                self._on_direct(body)
+                return
             message = _json_delivery(body)
             if message.epoch is not None and self._seen_already(message):
                 return
@@ -525,6 +622,37 @@ class RelayClientProtocol(Protocol, TimeoutMixin):
             return True
         self.positions[message.room] = (seq, message.epoch)
         return False
+    def _on_presence(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise ProtocolError(ErrorCode.PARSE_ERROR, "PRESENCE payload is not an object")
+        if "event" not in body:  # a member list, answering who()
+            self._on_reply(body)
+            return
+        event = PresenceEvent(
+            room=str(body.get("room", "")),
+            event=str(body.get("event", "")),
+            user_id=str(body.get("userId", "")),
+            connection_id=str(body.get("connectionId", "")),
+        )
+        self._hand_over(self.on_presence, self._presence_hub, event)
+
+    def _on_direct(self, body: dict[str, Any]) -> None:
+        message = DirectMessage(
+            to=str(body.get("to", "")),
+            sender=str(body.get("from", "")),
+            content=body.get("content"),
+            timestamp=body.get("timestamp"),
+        )
+        self._hand_over(self.on_direct, self._direct_hub, message)
+
+    @staticmethod
+    def _hand_over(callback: Callable[[Any], Any] | None, hub: MessageHub, item: Any) -> None:
+        if callback is not None:
+            try:
+                callback(item)
+            except Exception:
+                log.failure("an application callback raised; the item still goes to streams")
+        hub.publish(item)
 
     def _on_heartbeat_echo(self, frame: Frame) -> None:
         try:
@@ -689,6 +817,22 @@ def _hello_body(user: str | None, token: str | None, echo: bool,
 def _is_publish_ack(body: dict[str, Any]) -> bool:
     # An ack has no "from", so it cannot be taken for a delivery.
     return body.get("status") == "published" and "from" not in body
+
+
+def _member_list(body: dict[str, Any]) -> MemberList:
+    members = body.get("members")
+    entries = members if isinstance(members, list) else []
+    listed = [
+        (str(entry.get("userId", "")), int(entry.get("connections", 0)))
+        for entry in entries
+        if isinstance(entry, dict)
+    ]
+    return MemberList(
+        room=str(body.get("room", "")),
+        members=listed,
+        count=int(body.get("count", len(listed))),
+        truncated=bool(body.get("truncated", False)),
+    )
 
 
 def _binary_delivery(frame: Frame) -> Message:

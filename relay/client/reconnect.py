@@ -14,8 +14,11 @@ from twisted.python.failure import Failure
 
 from relay.client.endpoints import TokenProvider, build_endpoint, fetch_token
 from relay.client.protocol import (
+    DirectMessage,
+    MemberList,
     Message,
     MessageHub,
+    PresenceEvent,
     RelayClientFactory,
     RelayClientProtocol,
     RelayError,
@@ -153,6 +156,8 @@ class ReconnectingClient:
     - ``on_gave_up(reason)``: a terminal failure (UNAUTHORIZED, an untrusted
       certificate...); it stops as soon as the hook returns;
     - ``on_message(message)`` and ``on_error(relay_error)`` as on the protocol;
+    - ``on_presence(event)`` and ``on_direct(message)`` with ``presence=True``
+      and ``direct=True``, as on the protocol.
     - ``on_recovered(room, recovered, missed)``: with ``history=True``, a room
       re-joined after a reconnection; ``missed`` messages were replayed
       (through ``on_message``, ``replayed`` set, before this hook), and
@@ -169,7 +174,8 @@ class ReconnectingClient:
                  client_cert: str | None = None, acks: bool = False, history: bool = False,
                  compression: bool = False,
                  retry_policy: Callable[[int], float] | None = None,
-                 token_provider: TokenProvider | None = None) -> None:
+                 token_provider: TokenProvider | None = None,
+                 presence: bool = False, direct: bool = False) -> None:
         if token is not None and token_provider is not None:
             raise ValueError("give a token or a token provider, not both")
         self.reactor = reactor
@@ -177,7 +183,7 @@ class ReconnectingClient:
         self.endpoint = build_endpoint(reactor, description, ca_file, client_cert)
         self.factory = RelayClientFactory(
             reactor, user=user, token=token, echo=echo, acks=acks, history=history,
-            compression=compression,
+            compression=compression, presence=presence, direct=direct,
         )
         # Room -> (seq, epoch) last seen, shared by every connection (history).
         self.positions: dict[str, tuple[int, str]] = {}
@@ -190,6 +196,8 @@ class ReconnectingClient:
         self.on_gave_up: Callable[[Failure], Any] | None = None
         self.on_message: Callable[[Message], Any] | None = None
         self.on_error: Callable[[RelayError], Any] = default_error_handler
+        self.on_presence: Callable[[PresenceEvent], Any] | None = None
+        self.on_direct: Callable[[DirectMessage], Any] | None = None
         self._policy = retry_policy or backoffPolicy(
             initialDelay=RETRY_INITIAL_DELAY_SECONDS, maxDelay=RETRY_MAX_DELAY_SECONDS
         )
@@ -298,6 +306,14 @@ class ReconnectingClient:
         """Messages from every connection, from now until ``stop``."""
         return self._hub.subscribe()
 
+    def who(self, room: str) -> defer.Deferred[MemberList]:
+        """The members of ``room`` (see ``RelayClientProtocol.who``)."""
+        return self._call(lambda client: client.who(room))
+
+    def send_direct(self, user: str, content: Any) -> defer.Deferred[None]:
+        """Send ``content`` to ``user`` (see ``RelayClientProtocol.send_direct``)."""
+        return self._call(lambda client: client.send_direct(user, content))
+
     def _call(self, request: Callable[[RelayClientProtocol], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         return self.when_connected().addCallback(request)
 
@@ -317,6 +333,8 @@ class ReconnectingClient:
     def _rejoin(self, client: RelayClientProtocol) -> defer.Deferred[RelayClientProtocol]:
         client.on_message = self._deliver
         client.on_error = lambda relay_error: self.on_error(relay_error)
+        client.on_presence = lambda event: self._run_hook(self.on_presence, event)
+        client.on_direct = lambda message: self._run_hook(self.on_direct, message)
         client.positions = self.positions
         joins = [
             client.join(room, self.positions.get(room))

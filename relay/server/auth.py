@@ -139,6 +139,8 @@ class Grant:
     publish: re.Pattern[str] | None
     expires_at: float | None = None
     source: str = "anonymous"
+    # The direct extension: may send direct messages to users ("direct": true).
+    direct: bool = False
 
     def may_join(self, room: str) -> bool:
         """Whether the grant lets the connection join ``room`` (a normalised name)."""
@@ -150,11 +152,11 @@ class Grant:
 
 
 def grant_for(user_id: str, rooms: tuple[str, ...], publish: tuple[str, ...] | None,
-              expires_at: float | None, source: str) -> Grant:
+              expires_at: float | None, source: str, direct: bool = False) -> Grant:
     """A grant for ``user_id``; ``publish`` defaults to ``rooms``."""
     publish = rooms if publish is None else publish
     return Grant(user_id, compile_patterns(rooms, user_id), compile_patterns(publish, user_id),
-                 expires_at, source)
+                 expires_at, source, direct)
 
 
 def valid_user_id(value: Any) -> bool:
@@ -185,6 +187,7 @@ class ApiKey:
     user_id: str
     rooms: tuple[str, ...]
     publish: tuple[str, ...] | None
+    direct: bool = False
 
 
 def _digest(token: str) -> bytes:
@@ -260,10 +263,14 @@ def parse_api_keys(document: Any, path: str) -> dict[bytes, ApiKey]:
                 f'{where}: "rooms" and "publish" must be lists of at most {MAX_PATTERNS} '
                 f"patterns of 1-{MAX_PATTERN_LENGTH} characters"
             )
+        if not isinstance(entry.get("direct", False), bool):
+            raise AuthConfigError(f'{where}: "direct" must be true or false')
         if len(key) < 16:
             log.warn("{where}: the key is shorter than 16 characters, easy to guess", where=where)
         digest = _digest(key)
-        keys[digest] = ApiKey(digest, user, rooms, publish if "publish" in entry else None)
+        keys[digest] = ApiKey(
+            digest, user, rooms, publish if "publish" in entry else None, entry.get("direct", False)
+        )
     return keys
 
 
@@ -366,8 +373,11 @@ class JwtVerifier:
             raise Unauthorized(
                 f'invalid token: "rooms" and "publish" must be lists of at most {MAX_PATTERNS} patterns'
             )
+        direct = claims.get("direct", False)
+        if not isinstance(direct, bool):
+            raise Unauthorized('invalid token: "direct" must be true or false')
         return grant_for(subject, rooms, publish if "publish" in claims else None,
-                         expires + self.leeway, "jwt")
+                         expires + self.leeway, "jwt", direct)
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
@@ -477,7 +487,7 @@ class Authenticator:
         if self.api_keys is not None:
             entry = self.api_keys.lookup(token)
             if entry is not None:
-                return grant_for(entry.user_id, entry.rooms, entry.publish, None, "api-key")
+                return grant_for(entry.user_id, entry.rooms, entry.publish, None, "api-key", entry.direct)
         if self.jwt is None:
             raise Unauthorized("invalid token: unknown API key")
         return self.jwt.verify(token, now)

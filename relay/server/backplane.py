@@ -115,6 +115,39 @@ class IRedisBackplane(IBackplane):
 
     def batch() -> Any:
         """The node's current ``Batch``: what handlers deliver is flushed after each read."""
+class IBackplaneChannels(Interface):
+    """What the presence and direct extensions use of a clustered backplane:
+    its Redis connections, for keys and channels of their own.
+
+    Only ``RedisBackplane`` provides it; ``relay.server.redis_presence``
+    is its one user.  Payloads published here start with the node's
+    envelope head, so each node ignores its own.
+    """
+
+    key_prefix = Attribute("The cluster's prefix of keys and channels, e.g. ``relay:``.")
+    node_key_prefix = Attribute("Prefix of the per-node membership hashes: a node is alive while its key exists.")
+    membership_ttl = Attribute("Seconds a node's keys live unless refreshed.")
+
+    def command(*args: Any) -> defer.Deferred[Any]:
+        """Run one Redis command on the command connection, after what was
+        sent before; fails while the connection is down."""
+
+    def publish(channel: bytes, payload: bytes) -> defer.Deferred[int]:
+        """Publish ``payload`` (after this node's pending broadcasts); fires
+        with the number of nodes subscribed, this one included, or 0 while
+        the link is down.  Never fails."""
+
+    def subscribe(channel: bytes, handler: Any) -> None:
+        """Call ``handler(payload)`` with what other nodes publish on ``channel``
+        (subscribed again whenever the link comes back)."""
+
+    def unsubscribe(channel: bytes) -> None:
+        """Stop receiving ``channel``."""
+
+    def add_link_hook(on_usable: Any, on_refresh: Any) -> None:
+        """``on_usable()`` runs each time the command connection becomes
+        usable (to write this node's state again), ``on_refresh()`` each
+        time the node refreshes its membership share (every third of the TTL)."""
 
 
 @dataclass

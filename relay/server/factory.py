@@ -25,14 +25,17 @@ from relay.server.backplane import (
     DEFAULT_MEMBERSHIP_TTL,
     DEFAULT_REDIS_QUEUE,
     IBackplane,
+    IBackplaneChannels,
     IClusterNode,
     RedisAddress,
 )
 from relay.server.auth import Authenticator
 from relay.server.compression import DeliveryCompressor
+from relay.server.direct import DirectRegistry
 from relay.server.fanout import Batch
 from relay.server.history import make_history
 from relay.server.limits import ServerLimits
+from relay.server.presence import DEFAULT_EVENTS_LIMIT, DEFAULT_LIST_LIMIT, Presence
 from relay.server.protocol import IMessageTransport, RelayProtocol
 from relay.server.rooms import RoomRegistry
 from relay.wire import DEFAULT_MAX_FRAME_SIZE, ErrorCode
@@ -82,6 +85,9 @@ class RelayConfig:
     history: int = 0
     history_ttl: float = 300
     history_memory: int = 64 * 1024 * 1024
+    # Presence (relay.server.presence)
+    presence_list_limit: int = DEFAULT_LIST_LIMIT
+    presence_events_limit: int = DEFAULT_EVENTS_LIMIT
 
     @property
     def heartbeat_interval(self) -> int:
@@ -166,6 +172,13 @@ class RelayFactory(ServerFactory):
         self._transport_kinds: dict[RelayProtocol, str] = {}
         # The history extension (relay.server.history); None when it is off.
         self.history = make_history(self)
+        # The presence and direct extensions: nothing per message.
+        self.presence = Presence(self)
+        self.direct = DirectRegistry(self)
+        if IBackplaneChannels.providedBy(self.backplane):
+            from relay.server.redis_presence import attach
+
+            attach(self, self.backplane)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
         return RelayProtocol(self)

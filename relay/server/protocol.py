@@ -44,9 +44,11 @@ from relay.requests import (
     parse_room_request,
 )
 from relay.server.auth import Grant, Unauthorized
+from relay.server.direct import DIRECT, direct_request, offline_error
 from relay.server.fanout import Fanout
 from relay.server.history import HISTORY, parse_since
 from relay.server.limits import clip, rate_limited_error
+from relay.server.presence import PRESENCE
 from relay.server.rooms import Room
 from relay.server.tls import certificate_user_id
 from relay.wire import (
@@ -71,7 +73,7 @@ log = Logger()
 # HELLO extensions: acks answers each accepted JSON MESSAGE that has an id.
 ACKS = "acks"
 # The extensions this server offers, in the order its HELLO ack lists them.
-SUPPORTED_FEATURES = (ACKS, COMPRESSION, HISTORY)
+SUPPORTED_FEATURES = (ACKS, COMPRESSION, HISTORY, PRESENCE, DIRECT)
 # How long a closing connection may take to flush its last frames to a peer
 # that does not read, before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -135,6 +137,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     _auth: Any = None  # relay.server.auth.Authenticator, when configured
     grant: Grant | None = None
     _auth_timer: Any = None
+    # Extensions (relay.server.presence, relay.server.direct), set by HELLO.
+    presence = False
+    direct = False
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
@@ -270,6 +275,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         for room in self.rooms:
             self.factory.registry.leave(self, room)
         self.rooms.clear()
+        if self.direct:
+            self.factory.direct.remove(self)
+        self.factory.flush()  # presence events of the leaves, outside any read
         self.factory.limits.release(self)
         self.factory.connection_closed(self)
         log.info(
@@ -436,14 +444,15 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.echo = hello.echo
         enabled = negotiate_features(hello.features)
         self.acks = ACKS in enabled
-        compressing = COMPRESSION in enabled
-        if compressing:  # relay.server.compression
-            self._decoder = InflatingDecoder(self._decoder)
-            self.factory.compressor.serve(self)
         if HISTORY in enabled:  # offered only when --history is on
             self.history = self.factory.history is not None
             if not self.history:
                 enabled.remove(HISTORY)
+        self._enable_extensions(enabled)
+        compressing = COMPRESSION in enabled
+        if compressing:  # relay.server.compression
+            self._decoder = InflatingDecoder(self._decoder)
+            self.factory.compressor.serve(self)
         config = self.factory.config
         self._reply(
             MessageType.HELLO,
@@ -458,14 +467,85 @@ class RelayProtocol(Protocol, TimeoutMixin):
             },
             request_id,
         )
-        if compressing:
+        if compressing or (PRESENCE in enabled and self._decoder.buffered):
             self._decode_rest()
 
     def _decode_rest(self) -> NoReturn:
-        """The decoder changed: the new one decodes the rest of this read
-        (a compressed frame may follow the HELLO), and the old loop stops."""
+        """The decoder changed (compressed frames or the PRESENCE type are
+        now accepted): the new one decodes the rest of this read, and the
+        old loop stops."""
         self.dataReceived(b"")
         raise _Held()
+
+    def _enable_extensions(self, enabled: list[str]) -> None:
+        """Turn on the negotiated extensions that need handlers of their own."""
+        if PRESENCE in enabled:
+            self.presence = True
+            self._decoder.known_types = self._decoder.known_types | {MessageType.PRESENCE}
+            self._handlers[MessageType.PRESENCE] = self._on_presence
+        if DIRECT in enabled:
+            self.direct = True
+            self.factory.direct.add(self)
+            room_path = self._handlers[MessageType.MESSAGE]
+            self._handlers[MessageType.MESSAGE] = lambda frame: self._on_message_or_direct(room_path, frame)
+
+    def _on_presence(self, frame: Frame) -> None:
+        self.factory.stats.frames_in_by_type[MessageType.PRESENCE] += 1
+        self._requests_seen = True
+        reply = self.factory.presence.query(self, frame)
+        if isinstance(reply, Deferred):  # a cluster's list, from Redis: reply in order
+            self._hold(reply.addCallback(self._answer_held))
+        self.enqueue(reply)
+
+    def _on_message_or_direct(self, room_path: Callable[[Frame], None], frame: Frame) -> None:
+        """A MESSAGE of a direct-enabled connection: to a room, or (no
+        ``"room"``, a ``"to"``) to a user.  Rate limits apply to both."""
+        try:
+            room_path(frame)
+            return
+        except RequestError:
+            request = direct_request(frame)
+            if request is None:
+                raise
+        delivered = self.factory.direct.send(self, request)
+        if isinstance(delivered, Deferred):  # nobody here: did another node take it?
+            answer = delivered.addCallback(self._direct_answer, request)
+            self._hold(answer.addCallback(self._answer_held))  # raises: no frame until then
+        self._answer_direct(delivered, request)
+
+    def _direct_answer(self, delivered: bool, request: Any) -> bytes | None:
+        if delivered:
+            return self._direct_ack(request)
+        refusal = offline_error(request.to, request.request_id)
+        self.factory.stats.errors_sent[refusal.code] += 1
+        return encode_error(refusal.code, refusal.message, refusal.request_id)
+
+    def _answer_direct(self, delivered: bool, request: Any) -> None:
+        if not delivered:
+            raise offline_error(request.to, request.request_id)
+        ack = self._direct_ack(request)
+        if ack is not None:
+            self.enqueue(ack)
+
+    def _direct_ack(self, request: Any) -> bytes | None:
+        if not self.acks or request.request_id is None:
+            return None
+        ack = {"status": "published", "to": request.to, "id": request.request_id}
+        return encode_json(MessageType.MESSAGE, ack)
+
+    def _answer_held(self, frame: bytes | None) -> None:
+        """The answer a held request waited for: send it, then go on with
+        the frames that arrived meanwhile."""
+        if frame is not None and self.accepting:
+            self.enqueue(frame)
+        if IPushProducer.providedBy(self.transport):
+            self.transport.resumeProducing()
+        self._resume()
+
+    def _resume(self) -> None:
+        self._held = False
+        if self.accepting:
+            self.dataReceived(b"")
 
     def _on_join(self, frame: Frame) -> None:
         self.factory.stats.frames_in_by_type[MessageType.JOIN_ROOM] += 1
@@ -516,6 +596,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._held = False
         if not self.accepting:
             return
+        self.factory.presence.counted(room, members)
         self.factory.registry.join(self, room)
         self._ack_join(room, members, request_id)
         if IPushProducer.providedBy(self.transport):

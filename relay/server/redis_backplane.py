@@ -53,6 +53,7 @@ from relay.server.backplane import (
     BackplaneStats,
     METRICS,
     IBackplane,
+    IBackplaneChannels,
     IClusterNode,
     IRedisBackplane,
     RedisAddress,
@@ -436,7 +437,7 @@ class RedisConnection:
         return waiter
 
 
-@implementer(IBackplane, IRedisBackplane)
+@implementer(IBackplane, IRedisBackplane, IBackplaneChannels)
 class RedisBackplane:
     """The cluster backplane on one Redis (see the module docstring).
 
@@ -470,6 +471,8 @@ class RedisBackplane:
         self._ttl_ms = int(membership_ttl * 1000)
         self._channel_prefix = f"{cluster_name}:room:".encode()
         self._node_key_prefix = f"{cluster_name}:node:"
+        self.key_prefix = f"{cluster_name}:"
+        self.node_key_prefix = self._node_key_prefix
         self._node_key = self._node_key_prefix + self.node_id
         self._nodes_key = f"{cluster_name}:nodes"
         self._head = envelope_head(self.node_id)
@@ -494,6 +497,10 @@ class RedisBackplane:
         self._refusals: set[str] = set()
         self._outage_reported = False
         self._loops: list[task.LoopingCall] = []
+        # IBackplaneChannels: channels of the extensions and their handlers;
+        # hooks run when the command link is usable and at each refresh.
+        self._extension_channels: dict[bytes, Callable[[bytes], None]] = {}
+        self._link_hooks: list[tuple[Callable[[], None], Callable[[], None]]] = []
         redis_endpoint(reactor, address)  # unreadable PEM files stop startup here
         self._command = RedisConnection(
             "command", self, address, _CommandProtocol, self._command_usable, self._connection_lost
@@ -651,6 +658,8 @@ class RedisBackplane:
         if command is not None and self._local:
             call(command, "PEXPIRE", self._node_key, self._ttl_ms).addErrback(_ignore)
             call(command, "SADD", self._nodes_key, self.node_id).addErrback(_ignore)
+            for _, on_refresh in self._link_hooks:
+                on_refresh()
 
     def _heartbeat(self) -> None:
         self._command.heartbeat()
@@ -729,6 +738,8 @@ class RedisBackplane:
         """An envelope came in on ``channel``: its frames go to the room's local members."""
         room = self._channels.get(channel)
         if room is None or payload.startswith(self._head):
+            if room is None and not payload.startswith(self._head):
+                self._extension_received(channel, payload)
             return  # unsubscribed meanwhile, or our own: delivered locally already
         try:
             _node, _origin, frames = parse_envelope(payload)
@@ -787,12 +798,16 @@ class RedisBackplane:
         command.transport.registerProducer(_WriteWindow(self), True)
         self.drain()
         self._link_changed()
+        for on_usable, _ in self._link_hooks:
+            on_usable()
 
     def _subscriber_usable(self, subscriber: Any) -> None:
         """Subscribe again to every room this node serves."""
         self._channels = {}
         for room in self._local:
             self._subscribe(subscriber, room)
+        for channel in self._extension_channels:
+            call(subscriber, "SUBSCRIBE", channel).addErrback(_ignore)
         self._link_changed()
 
     def _connection_lost(self, why: str) -> None:
@@ -844,3 +859,41 @@ class RedisBackplane:
             why=self._command.last_error or self._subscriber.last_error or "connection lost",
             limit=self.queue_limit,
         )
+
+    # IBackplaneChannels: Redis for the presence and direct extensions
+
+    def command(self, *args: Any) -> defer.Deferred[Any]:
+        command = self._command.protocol
+        if command is None:
+            return defer.fail(ConnectionError("the Redis link is down"))
+        return call(command, *args)
+
+    def publish(self, channel: bytes, payload: bytes) -> defer.Deferred[int]:
+        command = self._command.protocol
+        if command is None:
+            return defer.succeed(0)
+        self.flush()  # what was broadcast before goes first
+        published = call(command, "PUBLISH", channel, self._head + payload)
+        return published.addCallbacks(int, lambda failure: 0)
+
+    def subscribe(self, channel: bytes, handler: Callable[[bytes], None]) -> None:
+        self._extension_channels[channel] = handler
+        subscriber = self._subscriber.protocol
+        if subscriber is not None:
+            call(subscriber, "SUBSCRIBE", channel).addErrback(_ignore)
+
+    def unsubscribe(self, channel: bytes) -> None:
+        if self._extension_channels.pop(channel, None) is None:
+            return
+        subscriber = self._subscriber.protocol
+        if subscriber is not None:
+            call(subscriber, "UNSUBSCRIBE", channel).addErrback(_ignore)
+
+    def add_link_hook(self, on_usable: Callable[[], None], on_refresh: Callable[[], None]) -> None:
+        self._link_hooks.append((on_usable, on_refresh))
+
+    def _extension_received(self, channel: bytes, payload: bytes) -> None:
+        handler = self._extension_channels.get(channel)
+        if handler is None or len(payload) < 2 or payload[0] != ENVELOPE_VERSION:
+            return
+        handler(payload[2 + payload[1] :])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from twisted.internet import defer
 
@@ -137,6 +137,9 @@ class RoomRegistry:
         # Makes each new room, when an extension needs rooms of its own
         # kind (relay.server.history); else Room or ForwardingRoom.
         self.make_room: Callable[[str], Room] | None = None
+        # Told of every change of membership (relay.server.presence): an
+        # object with joined(room, member) and left(room, member), or None.
+        self.watcher: Any = None
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -161,7 +164,10 @@ class RoomRegistry:
                 room = ForwardingRoom(name, self.backplane) if self._forwarding else Room(name)
             self._rooms[name] = room
             self.peak_rooms = max(self.peak_rooms, len(self._rooms))
+        size = len(room)
         room.add(member)
+        if self.watcher is not None and len(room) != size:
+            self.watcher.joined(room, member)
         return room
 
     def count_members(self, name: str, new: bool) -> defer.Deferred[int] | int | None:
@@ -185,6 +191,9 @@ class RoomRegistry:
         room = self._rooms.get(name)
         if room is None:
             return
+        size = len(room)
         room.discard(member)
         if not room:
             del self._rooms[name]
+        if self.watcher is not None and len(room) != size:
+            self.watcher.left(room, member)

@@ -17,7 +17,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from relay.rlimits import open_file_limit, raise_open_file_limit
-from relay.server import auth, backplane, compression, history, limits, logs, metrics, tls, workers
+from relay.server import auth, backplane, compression, history, limits, logs, metrics, presence, tls, workers
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.limits import positive_int as _positive_int
 from relay.server.signals import StopSignals
@@ -95,7 +95,7 @@ class Options(usage.Options):
         ["read-size", None, RelayConfig.read_size, "Bytes read from a client socket at once (also its write buffer before it is paused).", _positive_int],
         ["tls-client-ca", None, None, "PEM file of CA certificates: TLS listeners then require a client certificate signed by one; its common name is the user id."],
     ] + metrics.OPTIONS + logs.OPTIONS + backplane.OPTIONS + auth.OPTIONS + limits.OPTIONS + history.OPTIONS
-    optParameters += compression.OPTIONS
+    optParameters += compression.OPTIONS + presence.OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,6 +158,7 @@ class Options(usage.Options):
             **limits.config_fields(self),
             **compression.config_fields(self),
             **history.config_fields(self),
+            **presence.config_fields(self),
         )
 
 

@@ -181,6 +181,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--publish", nargs="+", action="extend", default=None, metavar="PATTERN",
                         help="room patterns the user may publish to [default: the --rooms]")
     parser.add_argument("--no-publish", action="store_true", help="the user may publish nowhere")
+    parser.add_argument("--direct", action="store_true",
+                        help="the user may send direct messages to other users (the direct extension)")
     parser.add_argument("--ttl", type=parse_duration, default=parse_duration(DEFAULT_TTL),
                         help=f"lifetime of a JWT: 90s, 15m, 1h, 7d [default: {DEFAULT_TTL}]")
     parser.add_argument("--audience", help="the JWT's aud claim (the server's --jwt-audience)")
@@ -216,12 +218,16 @@ def run(options: argparse.Namespace) -> str:
     publish = [] if options.no_publish else options.publish
     if options.api_key:
         key, entry = new_api_key(), api_key_entry(options.sub, rooms, publish)
+        if options.direct:
+            entry["direct"] = True
         if options.tokens_file is None:
             return json.dumps({key: entry}, indent=2)
         add_api_key(options.tokens_file, key, entry)
         return key
     claims = claims_for(options.sub, rooms, publish, options.ttl, time.time(),
                         options.audience, options.issuer)
+    if options.direct:
+        claims["direct"] = True
     return mint_jwt(options.key, claims)
 
 
