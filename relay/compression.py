@@ -35,8 +35,8 @@ from relay.wire import (
 COMPRESSION = "compression"
 # Payloads of at most this many bytes are sent as they are.
 DEFAULT_COMPRESS_MIN = 1024
-# zlib level 1: on chat-like JSON it keeps most of level 6's savings for
-# about a third of its CPU (docs/performance.md has the figures).
+# zlib level 1: on JSON it keeps most of level 6's savings for less than
+# half its CPU (docs/performance.md has the figures).
 DEFAULT_COMPRESS_LEVEL = 1
 
 _COMPRESSED = int(Flags.COMPRESSED)
