@@ -739,7 +739,7 @@ class RedisBackplane:
         room = self._channels.get(channel)
         if room is None or payload.startswith(self._head):
             if room is None and not payload.startswith(self._head):
-                self._extension_received(channel, payload)
+                self._channel_received(channel, payload)
             return  # unsubscribed meanwhile, or our own: delivered locally already
         try:
             _node, _origin, frames = parse_envelope(payload)
@@ -892,7 +892,8 @@ class RedisBackplane:
     def add_link_hook(self, on_usable: Callable[[], None], on_refresh: Callable[[], None]) -> None:
         self._link_hooks.append((on_usable, on_refresh))
 
-    def _extension_received(self, channel: bytes, payload: bytes) -> None:
+    def _channel_received(self, channel: bytes, payload: bytes) -> None:
+        """A payload on an extension's own channel (presence events, direct messages)."""
         handler = self._extension_channels.get(channel)
         if handler is None or len(payload) < 2 or payload[0] != ENVELOPE_VERSION:
             return
