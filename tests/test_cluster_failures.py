@@ -156,6 +156,11 @@ class HeldBroadcastTests(unittest.TestCase):
         kept = backplane.stats.dropped_frames
         await redis.start()
         await wait_until(lambda: backplane.link_up and backplane.held_bytes == 0, "the held broadcasts sent")
+        # Sent is not yet confirmed: wait for Redis to answer every PUBLISH.
+        stats = backplane.stats
+        await wait_until(
+            lambda: stats.published_frames + stats.unconfirmed_frames + kept >= 3 + 10, "the publishes answered"
+        )
         self.assertEqual(backplane.stats.published_frames + kept, 3 + 10)
         self.assertEqual(backplane.stats.unconfirmed_frames, 0)
 
