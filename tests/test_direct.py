@@ -23,6 +23,7 @@ from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.protocol import State
 from relay.wire import ErrorCode, MessageType, encode_json, loads
 from tests.support import FrameClient, IntegrationTestCase, StringConnection, permissive_decoder, wait_until
+from tests.test_tls import TLSTestCase
 
 ROOM = "lobby"
 
@@ -245,3 +246,20 @@ class UnixDirectTests(unittest.TestCase):
         for client in clients:
             client.transport.loseConnection()
             await client.closed
+
+
+class TLSDirectTests(TLSTestCase):
+    async def test_tls_writes_through_its_transport_beside_direct_tcp(self) -> None:
+        secure = await self.connect_tls()
+        plain = await self.connect_tcp()
+        await secure.join(ROOM)
+        await plain.join(ROOM)
+        by_kind = {type(c.transport).__name__: c for c in self.factory.connections}
+        self.assertEqual(len(by_kind), 2)
+        for name, connection in by_kind.items():
+            direct = connection._send is not None
+            self.assertEqual(direct, "TLS" not in name, name)
+        secure.send(message("over TLS"))
+        self.assertEqual(loads((await plain.next_frame()).payload)["content"], "over TLS")
+        plain.send(message("over TCP"))
+        self.assertEqual(loads((await secure.next_frame()).payload)["content"], "over TCP")
