@@ -86,7 +86,7 @@ def socket_address(description: str) -> tuple[int, Any]:
     except (IndexError, ValueError):
         pass
     raise ValueError(
-        f"--spacing even publishes over plain sockets and needs a tcp: or unix: endpoint"
+        "--spacing even publishes over plain sockets and needs a tcp: or unix: endpoint"
         f" with its address, not {description!r} (use --spacing burst)"
     )
 
