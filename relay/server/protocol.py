@@ -43,7 +43,7 @@ from relay.requests import (
     parse_room_request,
 )
 from relay.server.auth import Grant, Unauthorized
-from relay.server.direct import DrainWatch, socket_send
+from relay.server.socket_write import DrainWatch, socket_send
 from relay.server.fanout import Fanout
 from relay.server.limits import clip, rate_limited_error
 from relay.server.rooms import Room
@@ -129,7 +129,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
     grant: Grant | None = None
     _auth_timer: Any = None
     # The socket's send while the transport holds no unsent byte: writes
-    # skip the transport (relay.server.direct).  None: write through it.
+    # skip the transport (relay.server.socket_write).  None: write through it.
     _send: Any = None
 
     def __init__(self, factory: RelayFactory) -> None:
@@ -813,7 +813,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _hand_to_transport(self, send: Any, rest: bytes) -> bytes:
         """A direct send was partial: ``rest`` goes through the transport,
-        which may hold it for a while (see ``relay.server.direct``).
+        which may hold it for a while (see ``relay.server.socket_write``).
 
         An OPEN connection pauses itself until the transport is empty (the
         write of ``rest`` is then counted as pending, as a write that made

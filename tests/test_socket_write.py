@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from relay.server.direct import DrainWatch, socket_send
+from relay.server.socket_write import DrainWatch, socket_send
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.protocol import State
 from relay.wire import ErrorCode, MessageType, encode_json, loads
