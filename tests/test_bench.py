@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from contextlib import redirect_stderr
 
 from twisted.internet import reactor
@@ -22,6 +23,7 @@ from relay.tools.bench import (
     stamp,
 )
 from relay.server.tap import Options, makeService
+from relay.tools.bench_workers import socket_address
 from relay.wire import Flags, MessageType, encode, encode_binary_delivery, encode_json, loads
 
 from tests.support import LoopbackServerMixin
@@ -117,6 +119,27 @@ class CommandLineTests(unittest.TestCase):
         self.assertFalse(config.compress)
         self.assertTrue(parse_args(["--compress"])[0].compress)
 
+    def test_a_rate_spaces_messages_evenly_unless_burst_is_asked_for(self) -> None:
+        config, _ = parse_args(["--rate", "750"])
+        self.assertTrue(config.even)
+        config, _ = parse_args(["--rate", "750", "--spacing", "burst"])
+        self.assertFalse(config.even)
+        config, _ = parse_args([])
+        self.assertFalse(config.even)
+
+    def test_many_rooms_per_connection_become_a_config(self) -> None:
+        config, _ = parse_args(
+            ["--rooms", "10000", "--rooms-per-connection", "50", "--rate", "1", "--processes", "2"]
+        )
+        self.assertEqual((config.rooms, config.rooms_per_connection, config.processes), (10000, 50, 2))
+
+    def test_even_spacing_publishes_from_plain_tcp_or_unix_sockets(self) -> None:
+        self.assertEqual(socket_address("tcp:host=127.0.0.1:port=4100")[1], ("127.0.0.1", 4100))
+        self.assertEqual(socket_address("tcp:127.0.0.1:4100")[1], ("127.0.0.1", 4100))
+        self.assertEqual(socket_address("unix:path=/tmp/relay.sock")[1], "/tmp/relay.sock")
+        with self.assertRaises(ValueError):
+            socket_address("tls:host=127.0.0.1:port=4100")
+
 
 class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
     """A one-second run delivers messages and loses none."""
@@ -164,6 +187,35 @@ class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
         self.assertGreater(report["received"], 0)
         self.assertEqual(report["lost"], 0)
         self.assertEqual(report["duplicated"], 0)
+        self.assertEqual(report["config"]["spacing"], "even")
+        self.assertIn("publisher_lateness", report)
+
+    async def test_burst_spacing_at_a_fixed_rate_delivers_without_loss(self) -> None:
+        report = await self._bench(rate=200.0, spacing="burst")
+        self.assertGreater(report["received"], 0)
+        self.assertEqual(report["lost"], 0)
+        self.assertEqual(report["duplicated"], 0)
+        self.assertEqual(report["config"]["spacing"], "burst")
+        self.assertNotIn("publisher_lateness", report)
+
+    async def test_connections_in_several_rooms_get_every_room_s_messages(self) -> None:
+        # 6 subscribers and 2 publishers in 3 of the 6 rooms each: 3
+        # subscribers and 1 publisher per room.
+        report = await self._bench(
+            rooms=6, subscribers=6, publishers=2, rooms_per_connection=3, rate=50.0, processes=2
+        )
+        self.assertGreater(report["published_total"], 0)
+        self.assertEqual(report["expected"], 3 * report["published_total"])
+        self.assertEqual(report["received"], report["expected"])
+        self.assertEqual(report["lost_connections"], 0)
+        self.assertGreater(report["latency_ms"]["samples"], 0)
+
+    async def test_server_cpu_per_delivery_is_reported(self) -> None:
+        report = await self._bench(server_pids=(os.getpid(),))
+        self.assertGreater(report["server_us_per_delivery"], 0)
+        per_second = report["delivered_per_server_cpu_second"]
+        self.assertLess(abs(report["server_us_per_delivery"] * per_second / 1e6 - 1), 0.01)
+        self.assertIn("us of server CPU each", format_report(report))
 
 
 class ReportWordingTests(unittest.TestCase):
@@ -210,6 +262,12 @@ class ReportWordingTests(unittest.TestCase):
             (["--window", "-5"], "--window"),
             (["--warmup", "nan"], "--warmup"),
             (["--metrics-url", "localhost:9100"], "--metrics-url"),
+            (["--spacing", "even"], "--spacing"),
+            (["--spacing", "sometimes", "--rate", "5"], "--spacing"),
+            (["--rooms", "4", "--rooms-per-connection", "2"], "--rooms-per-connection"),
+            (["--rooms", "4", "--rooms-per-connection", "2", "--rate", "5", "--spacing", "burst"], "--rooms-per-connection"),
+            (["--rooms", "4", "--rooms-per-connection", "5", "--rate", "5"], "--rooms-per-connection"),
+            (["--processes", "0"], "--processes"),
         ):
             stderr = io.StringIO()
             with redirect_stderr(stderr), self.assertRaises(SystemExit):

@@ -333,6 +333,9 @@ class HealthTests(MetricsServiceTestCase):
 
         stalled.transport.resumeProducing()
         await stopped
+        # The server closes once its last bytes are in the kernel: the
+        # client has them all when it sees the close.
+        await stalled.closed
         self.assertEqual(stalled.frames[-1].type, MessageType.ERROR)
         # The metrics listener stops last, once every client is gone.
         with self.assertRaises(error.ConnectionRefusedError):

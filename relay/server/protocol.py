@@ -50,6 +50,7 @@ from relay.server.history import HISTORY, parse_since
 from relay.server.limits import clip, rate_limited_error
 from relay.server.presence import PRESENCE
 from relay.server.rooms import Room
+from relay.server.socket_write import DrainWatch, socket_send
 from relay.server.tls import certificate_user_id
 from relay.wire import (
     MAX_ENVELOPE,
@@ -140,6 +141,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
     # Extensions (relay.server.presence, relay.server.direct), set by HELLO.
     presence = False
     direct = False
+    # The socket's send while the transport holds no unsent byte: writes
+    # skip the transport (relay.server.socket_write).  None: write through it.
+    _send: Any = None
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
@@ -242,6 +246,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         cap_send_buffer(self.transport, self.factory.config.send_buffer)
         # Decided once: the flush asks it for every write.
         self._keeps_message_boundaries = IMessageTransport.providedBy(self.transport)
+        send = None if self._keeps_message_boundaries else socket_send(self.transport)
+        if send is not None:
+            self._send = send
         if ITCPTransport.providedBy(self.transport):
             # Finds peers that vanished without a word, even with no idle timeout.
             self.transport.setTcpKeepAlive(True)
@@ -890,6 +897,15 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     parts.append(entry)
             data = b"".join(parts)
         stats.bytes_out += len(data)
+        send = self._send
+        if send is not None:
+            try:
+                sent = send(data)
+            except OSError:  # full (EAGAIN), or broken: the transport finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = self._hand_to_transport(send, data[sent:])
         self.transport.write(data)
         if self.state is _DRAINING:
             self._paused_by_write(len(data))
@@ -910,6 +926,26 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.transport.write_entries(entries)
         if self.state is _DRAINING:
             self._paused_by_write(size)
+    def _hand_to_transport(self, send: Any, rest: bytes) -> bytes:
+        """A direct send was partial: ``rest`` goes through the transport,
+        which may hold it for a while (see ``relay.server.socket_write``).
+
+        An OPEN connection pauses itself until the transport is empty (the
+        write of ``rest`` is then counted as pending, as a write that made
+        Twisted pause it); a closing one just lets it go.
+        """
+        self._send = None
+        if self.state is _OPEN:
+            self._transition(State.DRAINING)
+            self._pending_bytes = 0
+            self.factory.limits.outbound.hold(self, 0)
+            DrainWatch(self, self.transport, send).start()
+        return rest
+
+    def drained(self, send: Any) -> None:
+        """The transport sent all it held: write directly again, and resume."""
+        self._send = send
+        self.resumeProducing()
 
     def _paused_by_write(self, size: int) -> None:
         """The write of ``size`` bytes paused us: the transport holds them too."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import struct
@@ -38,6 +39,20 @@ from twisted.internet.protocol import Protocol
 from relay.compression import COMPRESSION, compress_frame
 from relay.rlimits import raise_open_file_limit
 from relay.tools.bench_ws import client_endpoint
+from relay.tools.bench_workers import (
+    DONE,
+    EXIT,
+    JOIN_TIMEOUT,
+    LATE_SECONDS,
+    PUBLISHING,
+    READY,
+    STATUS_FIELDS,
+    STOPPED,
+    PublisherSpec,
+    WorkerSpec,
+    run_worker,
+    socket_address,
+)
 from relay.wire import (
     HEADER,
     HEADER_SIZE,
@@ -118,6 +133,19 @@ class BenchConfig:
     token: str | None = field(default=None, repr=False)
     # Every connection enables the compression extension; publishers compress.
     compress: bool = False
+    # At a fixed rate: "even" (each message its own write, on schedule, from
+    # publisher processes) or "burst" (what is due every tick, in one write).
+    # "" picks even when there is a rate.
+    spacing: str = ""
+    # Rooms each connection joins (many small rooms on few connections).
+    rooms_per_connection: int = 1
+    # Publisher processes for --spacing even.
+    processes: int = 1
+
+    @property
+    def even(self) -> bool:
+        """Whether publishers send each message alone, on an even schedule."""
+        return bool(self.rate) and self.spacing != "burst"
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -210,10 +238,13 @@ class BenchConnection(Protocol):
     def __init__(self, name: str, room: str, on_lost: Callable[[BenchConnection], None]) -> None:
         self.name = name
         self.room = room
+        # Every room it joins (``room`` first); deliveries are counted over all.
+        self.rooms = [room]
         self.count = 0
         self.ready: defer.Deferred[BenchConnection] = defer.Deferred()
         self.joined = False
         self.connected_ = False
+        self._acks = 0
         self._handshake = bytearray()
         self._on_lost = on_lost
 
@@ -231,7 +262,10 @@ class BenchConnection(Protocol):
             hello["features"] = [COMPRESSION]
         self.transport.write(
             encode_json(MessageType.HELLO, hello)
-            + encode_json(MessageType.JOIN_ROOM, {"room": self.room, "id": 1})
+            + b"".join(
+                encode_json(MessageType.JOIN_ROOM, {"room": room, "id": k + 1})
+                for k, room in enumerate(self.rooms)
+            )
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -244,7 +278,8 @@ class BenchConnection(Protocol):
                 self._fail(f"{self.name} got an ERROR: {payload!r}")
                 return
             if type_ == MessageType.JOIN_ROOM:
-                self.joined = True
+                self._acks += 1
+                self.joined = self._acks == len(self.rooms)
         if self.joined:
             rest, self._handshake = bytes(self._handshake), bytearray()
             self.ready.callback(self)
@@ -430,10 +465,25 @@ class RoomPlan:
         return min(self.tracker.count, self.slowest + window)
 
     def received(self) -> int:
+        """Deliveries to its subscribers (to all their rooms, when they joined several)."""
         return sum(s.count for s in self.subscribers)
 
     def expected(self) -> int:
         return self.published * len(self.subscribers)
+
+
+class SharedCount:
+    """What a publisher process sent to one room, read from shared memory."""
+
+    __slots__ = ("_counts", "_slot")
+
+    def __init__(self, counts: Any, slot: int) -> None:
+        self._counts = counts
+        self._slot = slot
+
+    @property
+    def published(self) -> int:
+        return self._counts[self._slot]
 
 
 # Resource usage
@@ -486,7 +536,7 @@ class Snapshot:
         return cls(
             at=bench.clock(),
             published=sum(r.published for r in bench.rooms),
-            received=sum(r.received() for r in bench.rooms),
+            received=bench.received(),
             cpu=cpu_seconds(),
             server_cpu=sum(cpus) if known else None,
             server_cpus=cpus,
@@ -585,6 +635,13 @@ class Bench:
         self.lost_connections = 0
         self.measuring = False
         self.publishing = False
+        self.subscribers: list[BenchConnection] = []
+        # --spacing even: the publisher processes and what they share with us.
+        self._workers: list[Any] = []
+        self._worker_specs: list[WorkerSpec] = []
+        self._counts: Any = None
+        self._status: Any = None
+        self._control: Any = None
         self._pump_loop: task.LoopingCall | None = None
         self._progress_loop: task.LoopingCall | None = None
         self._last_progress: Snapshot | None = None
@@ -595,6 +652,15 @@ class Bench:
         if connection.joined:
             self.lost_connections += 1
 
+    def received(self) -> int:
+        """Deliveries counted by all subscribers so far."""
+        return sum(s.count for s in self.subscribers)
+
+    def _rooms_of(self, index: int) -> list[RoomPlan]:
+        """The rooms of connection ``index`` (of its kind): consecutive, round robin."""
+        each = self.config.rooms_per_connection
+        return [self.rooms[(index * each + k) % len(self.rooms)] for k in range(each)]
+
     def _plan(self) -> list[BenchConnection]:
         config = self.config
         sample_every = 1 if config.rate else SAMPLE_EVERY
@@ -602,10 +668,11 @@ class Bench:
         # Compressed deliveries have no marker to count: walk their lengths.
         counter = LengthWalker if config.binary or config.compress else MarkerCounter
         for index in range(config.subscribers):
-            room = self.rooms[index % config.rooms]
+            rooms = self._rooms_of(index)
+            room = rooms[0]
             name = f"bench-sub-{index}"
-            if room.tracker is None:
-                subscriber = room.tracker = Tracker(
+            if any(r.tracker is None for r in rooms):
+                subscriber = Tracker(
                     name,
                     room.name,
                     self._lost,
@@ -613,10 +680,21 @@ class Bench:
                     clock=self.clock,
                     on_progress=self._top_up_callback(room),
                 )
+                for r in rooms:
+                    if r.tracker is None:
+                        r.tracker = subscriber
             else:
                 subscriber = counter(name, room.name, self._lost)
-            room.subscribers.append(subscriber)
+            subscriber.rooms = [r.name for r in rooms]
+            for r in rooms:
+                r.subscribers.append(subscriber)
+            self.subscribers.append(subscriber)
             connections.append(subscriber)
+        if config.even:
+            self._plan_workers()
+            for connection in connections:
+                connection.token = config.token
+            return connections
         for index in range(config.publishers):
             room = self.rooms[index % config.rooms]
             publisher = Publisher(
@@ -658,6 +736,82 @@ class Bench:
                 f" {error.subFailure.getErrorMessage()}"
             ) from None
 
+    def _plan_workers(self) -> None:
+        """Deal the publishers over the publisher processes (--spacing even)."""
+        config = self.config
+        try:
+            address = socket_address(config.publisher_endpoint or config.endpoint)
+        except ValueError as error:
+            raise BenchError(str(error)) from None
+        each = config.rooms_per_connection
+        context = multiprocessing.get_context("spawn")
+        self._counts = context.RawArray("q", max(1, config.publishers * each))
+        processes = max(1, min(config.processes, config.publishers))
+        self._status = context.RawArray("q", processes * STATUS_FIELDS)
+        self._control = context.RawArray("d", 2)
+        specs = [
+            WorkerSpec(n, address, [], config.rate, config.size, config.binary, config.token)
+            for n in range(processes)
+        ]
+        for index in range(config.publishers):
+            rooms = self._rooms_of(index)
+            slot = index * each
+            for k, room in enumerate(rooms):
+                room.publishers.append(SharedCount(self._counts, slot + k))  # type: ignore[arg-type]
+            specs[index % processes].publishers.append(
+                PublisherSpec(f"bench-pub-{index}", [r.name for r in rooms], slot)
+            )
+        self._worker_specs = [spec for spec in specs if spec.publishers]
+
+    async def _start_workers(self) -> None:
+        """Start the publisher processes; return once all their joins are acknowledged."""
+        context = multiprocessing.get_context("spawn")
+        for spec in self._worker_specs:
+            process = context.Process(
+                target=run_worker, args=(spec, self._counts, self._status, self._control), daemon=True
+            )
+            process.start()
+            self._workers.append(process)
+        deadline = self.clock() + JOIN_TIMEOUT + 30
+        await self._workers_reach(READY, deadline, "did not join in time")
+
+    async def _workers_reach(self, phase: int, deadline: float, late: str) -> None:
+        while not all(self._status[n * STATUS_FIELDS] >= phase for n in range(len(self._workers))):
+            for process in self._workers:
+                if process.exitcode is not None:
+                    raise BenchError(f"a publisher process failed (exit code {process.exitcode})")
+            if self.clock() > deadline:
+                raise BenchError(f"the publisher processes {late}")
+            await task.deferLater(self.reactor, 0.01, lambda: None)
+
+    async def _stop_publishing(self) -> None:
+        """Stop the publisher processes; return once their counts are final."""
+        if not self._workers:
+            return
+        self._control[0] = STOPPED
+        await self._workers_reach(DONE, self.clock() + 30, "did not stop")
+
+    def _stop_workers(self, phase: float) -> None:
+        if self._control is not None:
+            self._control[0] = max(self._control[0], phase)
+        if phase == EXIT:
+            for process in self._workers:
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+
+    def _worker_lateness(self) -> dict[str, Any] | None:
+        """How far the publisher processes fell behind their schedule."""
+        if not self._workers:
+            return None
+        status = self._status
+        fields = range(len(self._workers))
+        return {
+            "late_sends": sum(status[n * STATUS_FIELDS + 1] for n in fields),
+            "late_over_ms": LATE_SECONDS * 1000,
+            "worst_ms": round(max(status[n * STATUS_FIELDS + 2] for n in fields) / 1000, 3),
+        }
+
     # Publishing
 
     def _pump(self) -> None:
@@ -665,7 +819,7 @@ class Bench:
         config = self.config
         for room in self.rooms:
             room.update_slowest()
-        if not self.publishing:
+        if not self.publishing or config.even:
             return
         if config.rate:
             due = int((self.clock() - self._started) * config.rate)
@@ -736,10 +890,15 @@ class Bench:
         interval = PUMP_INTERVAL
         if config.rate and 1 / config.rate > interval:
             interval = 1 / config.rate
-        self._started = self.clock()
-        self.publishing = config.publishers > 0
-        self._pump_loop.start(interval)
         try:
+            if config.even and self._worker_specs:
+                await self._start_workers()
+            self._started = self.clock()
+            self.publishing = config.publishers > 0
+            if self._control is not None:
+                self._control[1] = self._started
+                self._control[0] = PUBLISHING
+            self._pump_loop.start(interval)
             await task.deferLater(self.reactor, config.warmup, lambda: None)
             for room in self.rooms:
                 if room.tracker is not None:
@@ -753,10 +912,13 @@ class Bench:
                 if room.tracker is not None:
                     room.tracker.sampling = False
             self.publishing = False
+            await self._stop_publishing()
             drain_seconds = await self._drain()
             metrics_after = await self._server_counts()
         finally:
-            self._pump_loop.stop()
+            self._stop_workers(EXIT)
+            if self._pump_loop.running:
+                self._pump_loop.stop()
             self._progress_loop.stop()
             if config.progress:
                 sys.stderr.write("\n")
@@ -789,7 +951,7 @@ class Bench:
         started = self.clock()
         deadline = started + self.config.drain
         while self.clock() < deadline:
-            if all(r.received() >= r.expected() for r in self.rooms):
+            if self.received() >= sum(r.expected() for r in self.rooms):
                 break
             await task.deferLater(self.reactor, PUMP_INTERVAL * 10, lambda: None)
         return self.clock() - started
@@ -798,11 +960,14 @@ class Bench:
         config = self.config
         elapsed = end.at - start.at
         delivered = (end.received - start.received) / elapsed
-        latencies = sorted(l for r in self.rooms if r.tracker for l in r.tracker.latencies)
+        # A tracker of several rooms (--rooms-per-connection) is counted once.
+        trackers = {id(r.tracker): r.tracker for r in self.rooms if r.tracker is not None}
+        latencies = sorted(l for tracker in trackers.values() for l in tracker.latencies)
         expected = sum(r.expected() for r in self.rooms)
-        received = sum(r.received() for r in self.rooms)
+        received = self.received()
         settings = asdict(config)
         settings["token"] = "(given)" if config.token is not None else None
+        settings["spacing"] = "even" if config.even else "burst" if config.rate else "window"
         report: dict[str, Any] = {
             "config": settings,
             "seconds": round(elapsed, 3),
@@ -826,6 +991,9 @@ class Bench:
             "connections": extra["connections"],
             "published_total": sum(r.published for r in self.rooms),
         }
+        lateness = self._worker_lateness()
+        if lateness is not None:
+            report["publisher_lateness"] = lateness
         if extra["server_metrics"] is not None:
             report["server_metrics"] = extra["server_metrics"]
         if start.server_cpu is not None and end.server_cpu is not None:
@@ -841,6 +1009,10 @@ class Bench:
             if server_cpu > 0:
                 report["delivered_per_server_cpu_second"] = round(
                     (end.received - start.received) / server_cpu
+                )
+            if end.received > start.received:
+                report["server_us_per_delivery"] = round(
+                    server_cpu / (end.received - start.received) * 1e6, 3
                 )
         before, connected = extra["server_rss_before"], extra["server_rss_connected"]
         if before is not None and connected is not None and extra["connections"]:
@@ -889,7 +1061,13 @@ def format_report(report: dict[str, Any]) -> str:
     if "delivered_per_server_cpu_second" in report:
         lines.append(
             f"efficiency  {report['delivered_per_server_cpu_second']:,} deliveries"
-            " per server CPU-second"
+            f" per server CPU-second ({report['server_us_per_delivery']} us of server CPU each)"
+        )
+    lateness = report.get("publisher_lateness")
+    if lateness is not None:
+        lines.append(
+            f"schedule    {plural(lateness['late_sends'], 'send')} more than {lateness['late_over_ms']:g} ms"
+            f" late, worst {lateness['worst_ms']} ms   (even spacing, whole run)"
         )
     if "server_rss_per_connection_kib" in report:
         lines.append(
@@ -930,6 +1108,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--drain", type=_seconds, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
     add("--compress", action="store_true", help="Enable the compression extension on every connection; publishers send compressed frames.")
+    add("--spacing", choices=("even", "burst"), default=None, help="At a fixed --rate: each message its own write on an even schedule, from publisher processes (even, the default), or what is due every 2 ms in one write (burst).")
+    add("--rooms-per-connection", type=_positive_int, default=defaults.rooms_per_connection, help="Rooms each subscriber and publisher joins, consecutive round robin; above 1 it needs --spacing even [%(default)s].")
+    add("--processes", type=_positive_int, default=defaults.processes, help="Publisher processes for --spacing even [%(default)s].")
     add("--server-pid", type=_positive_int, action="append", default=[], help="Report this process's CPU and memory as the server's; repeat for a cluster's nodes and Redis (summed).")
     add("--metrics-url", default=None, help="The server's metrics URL (e.g. http://127.0.0.1:9100/metrics): report its own counts of the run.")
     add("--publisher-endpoint", default=None, help="Connect the publishers here instead of --endpoint (another node of a cluster).")
@@ -941,6 +1122,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     args = parser.parse_args(argv)
     if args.metrics_url is not None and not args.metrics_url.startswith(("http://", "https://")):
         parser.error(f"argument --metrics-url: not an http:// or https:// URL: {args.metrics_url!r}")
+    if args.spacing is not None and not args.rate:
+        parser.error("argument --spacing: only with a --rate")
+    if args.rooms_per_connection > 1 and (not args.rate or args.spacing == "burst"):
+        parser.error("argument --rooms-per-connection: above 1 only with a --rate and --spacing even")
+    if args.rooms_per_connection > args.rooms:
+        parser.error("argument --rooms-per-connection: more than --rooms")
     token = args.token
     if args.token_file is not None:
         try:
@@ -966,6 +1153,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         metrics_url=args.metrics_url,
         token=token,
         compress=args.compress,
+        spacing=args.spacing or "",
+        rooms_per_connection=args.rooms_per_connection,
+        processes=args.processes,
     )
     return config, args.json
 
