@@ -144,8 +144,15 @@ class BenchConfig:
 
     @property
     def even(self) -> bool:
-        """Whether publishers send each message alone, on an even schedule."""
-        return bool(self.rate) and self.spacing != "burst"
+        """Whether publishers send each message alone, on an even schedule.
+
+        The default at a fixed rate, except over WebSocket, whose publishers
+        stay in the bench's own process (``--spacing burst``).
+        """
+        if not self.rate or self.spacing == "burst":
+            return False
+        publishers = self.publisher_endpoint or self.endpoint
+        return self.spacing == "even" or not publishers.startswith(("ws://", "wss://"))
 
 
 # Frame helpers: only what a load generator needs, kept cheap.
@@ -1108,7 +1115,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     add("--drain", type=_seconds, default=defaults.drain, help="Seconds to wait for the last deliveries before counting losses [%(default)s].")
     add("--binary", action="store_true", help="Publish binary MESSAGEs instead of JSON.")
     add("--compress", action="store_true", help="Enable the compression extension on every connection; publishers send compressed frames.")
-    add("--spacing", choices=("even", "burst"), default=None, help="At a fixed --rate: each message its own write on an even schedule, from publisher processes (even, the default), or what is due every 2 ms in one write (burst).")
+    add("--spacing", choices=("even", "burst"), default=None, help="At a fixed --rate: each message its own write on an even schedule, from publisher processes (even, the default but over WebSocket), or what is due every 2 ms in one write (burst).")
     add("--rooms-per-connection", type=_positive_int, default=defaults.rooms_per_connection, help="Rooms each subscriber and publisher joins, consecutive round robin; above 1 it needs --spacing even [%(default)s].")
     add("--processes", type=_positive_int, default=defaults.processes, help="Publisher processes for --spacing even [%(default)s].")
     add("--server-pid", type=_positive_int, action="append", default=[], help="Report this process's CPU and memory as the server's; repeat for a cluster's nodes and Redis (summed).")
