@@ -7,8 +7,6 @@ Playwright unless RELAY_REQUIRE_BROWSER=1 (as in CI).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -23,57 +21,35 @@ from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType
 from tests.authkeys import KeyFiles, claims, mint
 from tests.support import FrameClient, _disconnect
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, REQUIRED, STEP_TIMEOUT, missing_browser
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
+from tests.test_browser import REQUIRED, chromium_page, missing_browser
 
 
 def log_in_and_chat(base_url: str, token: str, forged: str, on_joined: Callable[[], None]) -> dict[str, Any]:
     """In a thread: log in with ``token``, join ``demo``, be refused ``secret``,
     exchange messages, then try ``forged``.  Returns what the page saw."""
-    requests: list[str] = []
-    errors: list[str] = []
-    profile = tempfile.mkdtemp(prefix="relay-chromium-")
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-            )
-            try:
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT)
-                page.on("request", lambda request: requests.append(request.url))
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.goto(base_url)
-                page.fill("#token", token)
-                page.click("#connect")
-                page.wait_for_selector('#status[data-state="connected"]')
-                status = page.inner_text("#status")
-                page.fill("#room", "secret")
-                page.click("#join")
-                page.locator("#log li.error", has_text="FORBIDDEN").wait_for()
-                page.fill("#room", "demo")
-                page.click("#join")
-                page.locator("#log li", has_text="joined demo").wait_for()
-                on_joined()
-                page.locator("#log li.message", has_text="term: hello browser").wait_for()
-                page.fill("#message", "hello terminal")
-                page.click("#send")
-                page.locator("#log li.sent", has_text="hello terminal").wait_for()
-                page.click("#disconnect")
-                page.wait_for_selector('#status[data-state="disconnected"]')
-                page.fill("#token", forged)
-                page.click("#connect")
-                page.locator("#log li.error", has_text="UNAUTHORIZED").wait_for()
-                return {"status": status, "log": page.inner_text("#log"), "requests": requests,
-                        "errors": errors}
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(base_url) as (page, requests, errors):
+        page.fill("#token", token)
+        page.click("#connect")
+        page.wait_for_selector('#status[data-state="connected"]')
+        status = page.inner_text("#status")
+        page.fill("#room", "secret")
+        page.click("#join")
+        page.locator("#log li.error", has_text="FORBIDDEN").wait_for()
+        page.fill("#room", "demo")
+        page.click("#join")
+        page.locator("#log li", has_text="joined demo").wait_for()
+        on_joined()
+        page.locator("#log li.message", has_text="term: hello browser").wait_for()
+        page.fill("#message", "hello terminal")
+        page.click("#send")
+        page.locator("#log li.sent", has_text="hello terminal").wait_for()
+        page.click("#disconnect")
+        page.wait_for_selector('#status[data-state="disconnected"]')
+        page.fill("#token", forged)
+        page.click("#connect")
+        page.locator("#log li.error", has_text="UNAUTHORIZED").wait_for()
+        return {"status": status, "log": page.inner_text("#log"), "requests": requests,
+                "errors": errors}
 
 
 class TokenLoginInBrowserTests(unittest.TestCase):

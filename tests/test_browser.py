@@ -7,10 +7,11 @@ is missing, unless RELAY_REQUIRE_BROWSER=1 (as in CI), which makes it fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.threads import blockingCallFromThread, deferToThread
@@ -43,6 +44,32 @@ CHROMIUM_FLAGS = [
 STEP_TIMEOUT = 15_000
 
 
+@contextlib.contextmanager
+def chromium_page(url: str) -> Iterator[tuple[Any, list[str], list[str]]]:
+    """A page of a fresh headless Chromium at ``url``, with the URLs it
+    requests and the errors it raises; the browser and its profile are gone
+    afterwards."""
+    requests: list[str] = []
+    errors: list[str] = []
+    profile = tempfile.mkdtemp(prefix="relay-chromium-")
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+            )
+            try:
+                page = context.new_page()
+                page.set_default_timeout(STEP_TIMEOUT)
+                page.on("request", lambda request: requests.append(request.url))
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(url)
+                yield page, requests, errors
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 def missing_browser() -> str | None:
     """Why the browser test cannot run here, or None."""
     if sync_playwright is None:
@@ -58,36 +85,19 @@ def drive_page(base_url: str, on_joined: Callable[[], None]) -> dict[str, Any]:
 
     Returns what the page saw: its log, the URLs it requested, its errors.
     """
-    requests: list[str] = []
-    errors: list[str] = []
-    profile = tempfile.mkdtemp(prefix="relay-chromium-")
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-            )
-            try:
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT)
-                page.on("request", lambda request: requests.append(request.url))
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.goto(base_url)
-                page.fill("#user", "browser")
-                page.click("#connect")
-                page.wait_for_selector('#status[data-state="connected"]')
-                page.fill("#room", "demo")
-                page.click("#join")
-                page.locator("#log li", has_text="joined demo").wait_for()
-                on_joined()
-                page.locator("#log li.message", has_text="term: hello from tcp").wait_for()
-                page.fill("#message", "hello from the browser")
-                page.click("#send")
-                page.locator("#log li.sent", has_text="hello from the browser").wait_for()
-                return {"log": page.inner_text("#log"), "requests": requests, "errors": errors}
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(base_url) as (page, requests, errors):
+        page.fill("#user", "browser")
+        page.click("#connect")
+        page.wait_for_selector('#status[data-state="connected"]')
+        page.fill("#room", "demo")
+        page.click("#join")
+        page.locator("#log li", has_text="joined demo").wait_for()
+        on_joined()
+        page.locator("#log li.message", has_text="term: hello from tcp").wait_for()
+        page.fill("#message", "hello from the browser")
+        page.click("#send")
+        page.locator("#log li.sent", has_text="hello from the browser").wait_for()
+        return {"log": page.inner_text("#log"), "requests": requests, "errors": errors}
 
 
 class DemoPageInBrowserTests(unittest.TestCase):
@@ -153,43 +163,28 @@ def drive_reconnecting_page(base_url: str, server: Callable[[str], Any]) -> dict
     server shuts down and drops the link (``server("shutdown")``,
     ``server("drop")``, run on the reactor), and the page must come back,
     re-join and list its members again each time."""
-    errors: list[str] = []
-    profile = tempfile.mkdtemp(prefix="relay-chromium-")
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-            )
-            try:
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT)
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.goto(base_url)
-                page.fill("#user", "browser")
-                page.click("#connect")
-                page.wait_for_selector('#status[data-state="connected"]')
-                page.fill("#room", "demo")
-                page.click("#join")
-                page.locator("#members li", has_text="term").wait_for()
-                page.locator("#members li", has_text="browser").wait_for()
-                server("join")
-                page.locator("#members li", has_text="late").wait_for()
-                page.locator("#log li.presence", has_text="late joined demo").wait_for()
-                server("leave")
-                page.locator("#members li", has_text="late").wait_for(state="detached")
-                lists = []
-                for step in ("shutdown", "drop"):
-                    rejoined = page.locator("#log li", has_text="joined demo").count() + 1
-                    server(step)
-                    page.locator("#log li", has_text="reconnecting in").nth(len(lists)).wait_for()
-                    page.locator("#log li", has_text="joined demo").nth(rejoined - 1).wait_for()
-                    page.locator("#members li", has_text="browser").wait_for()
-                    lists.append(page.inner_text("#members"))
-                return {"log": page.inner_text("#log"), "lists": lists, "errors": errors}
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(base_url) as (page, _, errors):
+        page.fill("#user", "browser")
+        page.click("#connect")
+        page.wait_for_selector('#status[data-state="connected"]')
+        page.fill("#room", "demo")
+        page.click("#join")
+        page.locator("#members li", has_text="term").wait_for()
+        page.locator("#members li", has_text="browser").wait_for()
+        server("join")
+        page.locator("#members li", has_text="late").wait_for()
+        page.locator("#log li.presence", has_text="late joined demo").wait_for()
+        server("leave")
+        page.locator("#members li", has_text="late").wait_for(state="detached")
+        lists = []
+        for step in ("shutdown", "drop"):
+            rejoined = page.locator("#log li", has_text="joined demo").count() + 1
+            server(step)
+            page.locator("#log li", has_text="reconnecting in").nth(len(lists)).wait_for()
+            page.locator("#log li", has_text="joined demo").nth(rejoined - 1).wait_for()
+            page.locator("#members li", has_text="browser").wait_for()
+            lists.append(page.inner_text("#members"))
+        return {"log": page.inner_text("#log"), "lists": lists, "errors": errors}
 
 
 class DemoPageReconnectTests(unittest.TestCase):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import queue
-import shutil
-import tempfile
 from typing import Any, Callable
 
 from twisted.internet import defer, endpoints, reactor, task
@@ -16,52 +14,32 @@ from relay.server import websocket
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType
 from tests.support import FrameClient, _disconnect
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, REQUIRED, STEP_TIMEOUT, missing_browser
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
+from tests.test_browser import REQUIRED, STEP_TIMEOUT, chromium_page, missing_browser
 
 
 def drive_page(base_url: str, away: Callable[[str], Any]) -> dict[str, Any]:
     """In a thread: connect, join ``demo``, then twice disconnect, let the
     test publish while the page is away (``away(step)`` blocks until it
     did), reconnect and re-join.  Returns the page's log and errors."""
-    errors: list[str] = []
-    profile = tempfile.mkdtemp(prefix="relay-chromium-")
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-            )
-            try:
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT)
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.goto(base_url)
-                page.fill("#user", "browser")
-                page.fill("#room", "demo")
-                for joins, step in enumerate(("first", "recoverable", "lost")):
-                    page.click("#connect")
-                    page.wait_for_selector('#status[data-state="connected"]')
-                    page.click("#join")
-                    page.locator("#log li", has_text="joined demo").nth(joins).wait_for()
-                    if step == "recoverable":
-                        page.locator("#log li", has_text="recovered 2 missed messages in demo").wait_for()
-                    if step == "lost":
-                        page.locator("#log li.error", has_text="could not recover demo: history lost").wait_for()
-                        break
-                    away(step)  # the test publishes "live", then waits for the page to leave
-                    page.locator("#log li.message", has_text=f"term: live {step}").wait_for()
-                    page.click("#disconnect")
-                    page.wait_for_selector('#status[data-state="disconnected"]')
-                    away(step + " gone")
-                return {"log": page.inner_text("#log"), "errors": errors}
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(base_url) as (page, _, errors):
+        page.fill("#user", "browser")
+        page.fill("#room", "demo")
+        for joins, step in enumerate(("first", "recoverable", "lost")):
+            page.click("#connect")
+            page.wait_for_selector('#status[data-state="connected"]')
+            page.click("#join")
+            page.locator("#log li", has_text="joined demo").nth(joins).wait_for()
+            if step == "recoverable":
+                page.locator("#log li", has_text="recovered 2 missed messages in demo").wait_for()
+            if step == "lost":
+                page.locator("#log li.error", has_text="could not recover demo: history lost").wait_for()
+                break
+            away(step)  # the test publishes "live", then waits for the page to leave
+            page.locator("#log li.message", has_text=f"term: live {step}").wait_for()
+            page.click("#disconnect")
+            page.wait_for_selector('#status[data-state="disconnected"]')
+            away(step + " gone")
+        return {"log": page.inner_text("#log"), "errors": errors}
 
 
 class HistoryInBrowserTests(unittest.TestCase):
