@@ -88,3 +88,13 @@ class KeepAliveTests(unittest.TestCase):
         [connection] = service.factory.connections
         handle: Any = connection.transport.getHandle()
         self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+
+    async def test_accepted_tcp_sockets_send_without_nagle_delay(self) -> None:
+        service = makeService(parse("--port", "tcp:0:interface=127.0.0.1"), reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        client = await connect_frame_client(self, service.listening_ports[0])
+        await client.hello()
+        [connection] = service.factory.connections
+        handle: Any = connection.transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
