@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 
 from relay.compression import COMPRESSION, compress_frame
@@ -260,6 +261,10 @@ class BenchConnection(Protocol):
         if hasattr(self.transport, "bufferSize"):
             # Fewer, larger reads: counting must cost far less than serving.
             self.transport.bufferSize = READ_SIZE
+        if ITCPTransport.providedBy(self.transport):
+            # A publisher's small writes must not wait for the server's
+            # delayed ACK (Nagle's algorithm), as the server's do not.
+            self.transport.setTcpNoDelay(True)
         hello: dict[str, Any] = {"clientVersion": "relay-bench"}
         if self.token is None:
             hello["userId"] = self.name
