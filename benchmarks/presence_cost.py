@@ -22,27 +22,15 @@ import sys
 import time
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType, encode_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fanout_cost import DiscardingTransport, message  # noqa: E402
+from fanout_cost import DiscardingTransport, joined, time_per_message  # noqa: E402
 
 FEATURES = [f for f in os.environ.get("FEATURES", "presence,direct").split(",") if f]
 MEMBERS = int(os.environ.get("MEMBERS", "10"))
-PER_READ = int(os.environ.get("PER_READ", "1000"))
-
-
-def joined(factory: RelayFactory, user: str, features: list[str]):
-    protocol = factory.buildProtocol(None)
-    protocol.makeConnection(StringTransport())
-    # Two reads: frames after a HELLO that enables presence wait for the next turn.
-    protocol.dataReceived(encode_json(MessageType.HELLO, {"userId": user, "features": features}))
-    protocol.dataReceived(encode_json(MessageType.JOIN_ROOM, {"room": "room"}))
-    protocol.transport = DiscardingTransport()
-    return protocol
 
 
 def join_cost(members: int, rounds: int = 200) -> None:
@@ -73,14 +61,7 @@ def fanout(rounds: int) -> None:
     publisher = joined(factory, "publisher", FEATURES)
     for index in range(MEMBERS):
         joined(factory, f"subscriber-{index}", FEATURES)
-    read = message() * PER_READ
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(10):
-            publisher.dataReceived(read)
-        best = min(best, time.perf_counter() - started)
-    print(f"{best / (10 * PER_READ) * 1e6:.3f} us per message")
+    print(f"{time_per_message(publisher, rounds) * 1e6:.3f} us per message")
 
 
 if __name__ == "__main__":

@@ -5,32 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, protocol, reactor
-from twisted.web.client import Agent, ResponseDone
+from twisted.internet import reactor
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
-
-class _Body(protocol.Protocol):
-    """Collects a response body (``readBody`` warns about Twisted's own proxy)."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if reason is None or reason.check(ResponseDone):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
+from relay.tools.bench import ResponseBody
 
 
 async def http_get(url: str, method: bytes = b"GET") -> tuple[int, Headers, bytes]:
     """GET (or ``method``) ``url`` over a real connection: status, headers, body."""
     response = await Agent(reactor).request(method, url.encode("ascii"))
-    body = _Body()
+    body = ResponseBody()
     response.deliverBody(body)
     return response.code, response.headers, await body.done
 

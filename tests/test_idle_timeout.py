@@ -79,22 +79,20 @@ class OptionTests(unittest.TestCase):
 
 
 class KeepAliveTests(unittest.TestCase):
-    async def test_accepted_tcp_sockets_have_keepalive_on(self) -> None:
+    async def accepted_socket(self) -> Any:
+        """The server's side of one accepted TCP connection, after its HELLO."""
         service = makeService(parse("--port", "tcp:0:interface=127.0.0.1"), reactor=reactor)
         service.startService()
         self.addCleanup(service.stopService)
         client = await connect_frame_client(self, service.listening_ports[0])
         await client.hello()
         [connection] = service.factory.connections
-        handle: Any = connection.transport.getHandle()
+        return connection.transport.getHandle()
+
+    async def test_accepted_tcp_sockets_have_keepalive_on(self) -> None:
+        handle = await self.accepted_socket()
         self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
 
     async def test_accepted_tcp_sockets_send_without_nagle_delay(self) -> None:
-        service = makeService(parse("--port", "tcp:0:interface=127.0.0.1"), reactor=reactor)
-        service.startService()
-        self.addCleanup(service.stopService)
-        client = await connect_frame_client(self, service.listening_ports[0])
-        await client.hello()
-        [connection] = service.factory.connections
-        handle: Any = connection.transport.getHandle()
+        handle = await self.accepted_socket()
         self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)

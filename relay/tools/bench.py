@@ -584,8 +584,9 @@ def _difference(after: dict[str, float] | None, before: dict[str, float] | None)
     return {key: round(after[key] - before[key]) for key in after}
 
 
-class _Body(Protocol):
-    """Collects an HTTP response body."""
+class ResponseBody(Protocol):
+    """Collects an HTTP response body (``done`` fires with it); unlike
+    ``readBody``, it does not warn about Twisted's own response proxy."""
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -608,7 +609,7 @@ async def fetch_text(reactor: Any, url: str) -> str:
     from twisted.web.client import Agent
 
     response = await Agent(reactor).request(b"GET", url.encode("ascii"))
-    body = _Body()
+    body = ResponseBody()
     response.deliverBody(body)
     text = await body.done
     if response.code != 200:
