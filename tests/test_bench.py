@@ -172,6 +172,23 @@ class BenchSmokeTests(LoopbackServerMixin, unittest.TestCase):
         self.assertEqual(report["lost_connections"], 0)
         self.assertGreater(report["latency_ms"]["samples"], 0)
 
+    async def test_the_tracker_joins_its_room_after_every_other_subscriber(self) -> None:
+        # Rooms write to their members in join order: joining last, the
+        # tracker samples each broadcast's slowest delivery.
+        registry = self.factory.registry
+        joins: list[str] = []
+        join = registry.join
+
+        def recording_join(member, name):
+            joins.append(member.user_id)
+            return join(member, name)
+
+        registry.join = recording_join
+        await self._bench(subscribers=6)
+        subscribers = [user for user in joins if user.startswith("bench-sub-")]
+        self.assertEqual(len(subscribers), 6)
+        self.assertEqual(subscribers[-1], "bench-sub-0")  # the room's tracker
+
     async def test_compressed_run_delivers_compressed_frames_without_loss(self) -> None:
         report = await self._bench(compress=True, size=16384)
         self.assertGreater(report["received"], 0)

@@ -7,7 +7,7 @@ for a warm-up and a measured window and reports what the server sustained::
     relay-bench --subscribers 100 --publishers 1 --rooms 1 --duration 10
 
 At ``--rate 0`` (the default) each publisher keeps at most ``--window``
-messages ahead of its room's tracker (the room's first subscriber), and the
+messages ahead of its room's tracker (the subscriber that joins it last), and the
 tracker is kept within a window of the room's slowest subscriber, so the
 figure is a rate the server sustains rather than a queue filling up.
 
@@ -739,15 +739,19 @@ class Bench:
         def connect_one(connection: BenchConnection) -> defer.Deferred[None]:
             return defer.ensureDeferred(connect(connection))
 
-        try:
-            await defer.gatherResults(
-                [semaphore.run(connect_one, c) for c in connections], consumeErrors=True
-            )
-        except defer.FirstError as error:
-            raise BenchError(
-                f"connection {error.index} of {len(connections)} failed:"
-                f" {error.subFailure.getErrorMessage()}"
-            ) from None
+        # Trackers join last: a server that writes to a room's members in
+        # join order reaches them last, so the latency they sample is that of
+        # each broadcast's slowest delivery, not its fastest.
+        trackers = [c for c in connections if isinstance(c, Tracker)]
+        others = [c for c in connections if not isinstance(c, Tracker)]
+        for group in (others, trackers):
+            try:
+                await defer.gatherResults([semaphore.run(connect_one, c) for c in group], consumeErrors=True)
+            except defer.FirstError as error:
+                raise BenchError(
+                    f"connection {connections.index(group[error.index])} of {len(connections)} failed:"
+                    f" {error.subFailure.getErrorMessage()}"
+                ) from None
 
     def _plan_workers(self) -> None:
         """Deal the publishers over the publisher processes (--spacing even)."""
