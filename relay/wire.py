@@ -138,7 +138,10 @@ def encode(type: int, flags: int = 0, payload: bytes = b"") -> bytes:
 
 def encode_json(type: int, body: Any) -> bytes:
     """Return the wire bytes of a frame whose payload is ``body`` as JSON."""
-    payload = dumps(body)
+    try:  # dumps() without its call, in the common case: once per delivery
+        payload = orjson.dumps(body)
+    except TypeError:
+        payload = dumps(body)
     return HEADER.pack(MIN_LENGTH + len(payload), VERSION, type, _JSON) + payload
 
 

@@ -60,7 +60,7 @@ class Member(Hashable, Protocol):
 class Fanout:
     """Frames broadcast to one room during one batch, shared by its members."""
 
-    __slots__ = ("frames", "size", "closed", "snapshot", "exclude", "one_by_one", "_joined", "framed")
+    __slots__ = ("frames", "size", "closed", "snapshot", "exclude", "one_by_one", "joined", "framed")
 
     def __init__(self, snapshot: tuple[Member, ...], exclude: Member | None) -> None:
         self.frames: list[bytes] = []
@@ -71,7 +71,8 @@ class Fanout:
         self.exclude = exclude
         # Members that take the frames one by one (paused ones).
         self.one_by_one: list[Member] = []
-        self._joined: bytes | None = None
+        # What join() made, for the members written after the first.
+        self.joined: bytes | None = None
         # The frames as WebSocket messages, made once for all the WebSocket
         # members by relay.server.websocket (which closes the Fanout then).
         self.framed: bytes | None = None
@@ -87,10 +88,10 @@ class Fanout:
     def join(self) -> bytes:
         """All the frames as one bytes object, made once; closes the Fanout."""
         self.closed = True
-        if self._joined is None:
+        if self.joined is None:
             frames = self.frames
-            self._joined = frames[0] if len(frames) == 1 else b"".join(frames)
-        return self._joined
+            self.joined = frames[0] if len(frames) == 1 else b"".join(frames)
+        return self.joined
 
 
 class Probe(NamedTuple):

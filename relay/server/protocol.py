@@ -154,6 +154,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._max_delivery = config.max_frame_size + MAX_ENVELOPE
         self._reactor = factory.reactor
         self._batch = factory.batch
+        self._rooms_get = factory.registry.get
         self.callLater = factory.reactor.callLater  # for TimeoutMixin
         self._decoder = Decoder(config.max_frame_size)
         self.state = State.INIT
@@ -671,7 +672,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._on_binary_message(frame)
             return
         request_id, name, content = parse_publish(frame)
-        room = self._member_room(name, request_id)
+        # Most names are sent as joined (and, with auth, granted).
+        room = self._rooms_get(name) if name in self._publishable else self._member_room(name, request_id)
         try:
             delivery = encode_json(
                 _MESSAGE,
@@ -715,7 +717,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     ErrorCode.FORBIDDEN, f"publishing to room {normalized!r} is not granted", request_id
                 )
             name = normalized
-        return self.factory.registry.get(name)
+        return self._rooms_get(name)
 
     def _publish(self, room: Room, delivery: bytes, request_id: Any) -> None:
         if len(delivery) - 4 > self._max_delivery:
@@ -862,8 +864,12 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def flush(self) -> None:
         """Write the outbox to the transport, unless it is paused or closing."""
-        if self.state is _OPEN and self._outbox:
-            self._write(self._take_outbox())
+        entries = self._outbox
+        if entries and self.state is _OPEN:
+            # _take_outbox, inline: this runs once per member per flush.
+            self._outbox = []
+            self._shared_tail = None
+            self._write(entries)
 
     def _take_outbox(self) -> list[bytes | Fanout]:
         """Empty the outbox, returning what it held."""
@@ -884,7 +890,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             entry = entries[0]
             if type(entry) is Fanout:
                 stats.frames_out += len(entry.frames)
-                data = entry.join()
+                data = entry.joined or entry.join()
             else:
                 stats.frames_out += 1
                 stats.frames_out_by_type[entry[5]] += 1

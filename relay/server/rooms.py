@@ -131,6 +131,9 @@ class RoomRegistry:
 
     def __init__(self, backplane: IBackplane | None = None) -> None:
         self._rooms: dict[str, Room] = {}
+        # The room named, or None: the dict's own get, with no Python frame,
+        # since every published message looks its room up.
+        self.get: Callable[[str], Room | None] = self._rooms.get
         self.peak_rooms = 0
         self.backplane: IBackplane = backplane if backplane is not None else LocalBackplane()
         self._forwarding = self.backplane.clustered
@@ -150,9 +153,6 @@ class RoomRegistry:
     def __iter__(self) -> Iterator[Room]:
         """Every live room (for metrics; do not join or leave while iterating)."""
         return iter(self._rooms.values())
-
-    def get(self, name: str) -> Room | None:
-        return self._rooms.get(name)
 
     def join(self, member: Member, name: str) -> Room:
         """Add ``member`` to room ``name``, creating it; return the room."""
