@@ -72,6 +72,18 @@ class Client:
             if data:
                 self.stream.protocol.dataReceived(data)
 
+    def send_in_one_read(self, *messages: bytes | str, close: bool = False) -> None:
+        """Each of ``messages`` a WebSocket message (text for a str, then a
+        close frame), all arriving in one read of the socket."""
+        for message in messages:
+            if isinstance(message, str):
+                self.peer.send_text(message.encode())
+            else:
+                self.peer.send_binary(message)
+        if close:
+            self.peer.send_close()
+        self.stream.protocol.dataReceived(b"".join(self.peer.data_to_send()))
+
     def events(self) -> list[Any]:
         self.peer.receive_data(self.stream.value())
         self.stream.clear()
@@ -153,6 +165,14 @@ class SharedFramingTests(FastPathTestCase):
         self.assertEqual(contents([messages[0], messages[2]]), ["first", "second"])
         self.assertEqual(next(Decoder().feed(messages[1])), (MessageType.HEARTBEAT, 0, b"beat"))
 
+    def test_the_messages_of_one_read_are_delivered_in_one_write(self) -> None:
+        # One WebSocket message per Relay frame, as browsers send them: the
+        # frames of a read are handled first and written once, as on TCP.
+        publisher, alice = self.joined("publisher"), self.joined("alice")
+        publisher.send_in_one_read(publish("lobby", 0), publish("lobby", 1), publish("lobby", 2))
+        self.assertEqual(len(alice.stream.writes), 1)
+        self.assertEqual(contents(alice.messages()), [0, 1, 2])
+
     def test_framing_is_byte_for_byte_what_autobahn_sends(self) -> None:
         client = self.joined("carol")
         for size in (0, 1, 118, 119, 125, 126, 127, 65_535, 65_536, 70_000):
@@ -217,6 +237,21 @@ class ClosingTests(FastPathTestCase):
         publisher.send(publish("lobby", 0))
         member.relay.transport.write_entries([encode(MessageType.HEARTBEAT, 0, b"")])
         self.assertEqual(member.stream.writes, [])
+
+
+    def test_answers_to_a_read_come_before_the_close_that_ends_it(self) -> None:
+        echoing = self.joined("echo", echo=True)
+        echoing.send_in_one_read(publish("lobby", "last words"), close=True)
+        events = echoing.events()
+        self.assertEqual([event.opcode for event in events], [Opcode.BINARY, Opcode.CLOSE])
+        self.assertEqual(contents([events[0].data]), ["last words"])
+
+    def test_answers_to_a_read_come_before_the_close_a_text_message_causes(self) -> None:
+        echoing = self.joined("echo", echo=True)
+        echoing.send_in_one_read(publish("lobby", "before"), "text is refused")
+        events = echoing.events()
+        self.assertEqual([event.opcode for event in events], [Opcode.BINARY, Opcode.CLOSE])
+        self.assertEqual(contents([events[0].data]), ["before"])
 
 
 class PerMessageDeflateTests(FastPathTestCase):

@@ -387,6 +387,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
     # Inbound
 
     def dataReceived(self, data: bytes) -> None:
+        try:
+            self.receive(data)
+        finally:
+            self.factory.flush()
+
+    def receive(self, data: bytes) -> None:
+        """Handle the frames ``data`` completes, leaving what they produce
+        queued: the caller flushes (``RelayFactory.flush``), once per read."""
         if not self.accepting:
             return  # nothing is parsed after a violation
         stats = self.factory.stats
@@ -414,7 +422,6 @@ class RelayProtocol(Protocol, TimeoutMixin):
         finally:
             if stats.frames_in != seen:
                 self._frames_completed()
-            self.factory.flush()
 
     def _refuse(self, refusal: RequestError) -> None:
         """Answer a request the server will not carry out (the connection stays)."""

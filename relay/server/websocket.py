@@ -237,6 +237,14 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         """
         return not (self.websocket_extensions_in_use or self.maskServerFrames or self.autoFragmentSize)
 
+    def dataReceived(self, data: bytes) -> None:
+        # Every message of a read is handled before anything is written, as
+        # the frames of a TCP read are: one flush per read, not per message.
+        try:
+            super().dataReceived(data)
+        finally:
+            self.factory.relay_factory.flush()
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Once either side has sent a close frame, later messages are moot.
         if self.relay is None or self.state != self.STATE_OPEN:
@@ -246,9 +254,16 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 "{conn} sent a text WebSocket message; closing",
                 conn=self.relay.connection_id,
             )
+            self.factory.relay_factory.flush()  # the answers to earlier messages go first
             refuse_text(self)
             return
-        self.relay.dataReceived(payload)
+        self.relay.receive(payload)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # Whatever earlier messages of this read produced goes before the
+        # closing handshake (after it, writes are dropped).
+        self.factory.relay_factory.flush()
+        return super().onCloseFrame(code, reasonRaw)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
