@@ -120,3 +120,16 @@ class BinaryMessageTransport:
 
     def unregisterProducer(self) -> None:
         self.stream.unregisterProducer()
+
+
+def mask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XORed with the repeated 4-byte ``key`` (RFC 6455 5.3).
+
+    One XOR of two integers does it at C speed, however long the payload.
+    """
+    size = len(payload)
+    if not size:
+        return b""
+    keys = (key * (size // 4 + 1))[:size]
+    value = int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")
+    return value.to_bytes(size, "little")

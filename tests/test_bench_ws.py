@@ -15,7 +15,8 @@ from twisted.trial import unittest
 
 from relay.server.tap import Options, makeService
 from relay.tools.bench import Bench, BenchConfig, BenchError
-from relay.tools.bench_ws import WebSocketStream, accept_value, client_endpoint, mask
+from relay.tools.bench_ws import WebSocketStream, accept_value, client_endpoint
+from relay.wsmapping import mask
 from relay.tools import bench_ws
 
 
@@ -147,6 +148,16 @@ class RawClientTests(unittest.TestCase):
             recorder.transport.write(payload)
             raw = transport.value()
             self.assertEqual(client_frames(raw), [(0x82, payload)], size)
+
+    def test_a_sequence_is_a_message_per_element_in_one_write_each_with_its_own_key(self) -> None:
+        stream, recorder, transport, _ = self.open()
+        transport.clear()
+        payloads = [os.urandom(size) for size in (7, 200, 7)]
+        recorder.transport.writeSequence(payloads)
+        raw = transport.value()
+        self.assertEqual(client_frames(raw), [(0x82, payload) for payload in payloads])
+        keys = {raw[2:6], raw[17:21]}  # the first two frames' keys (2 + 4 + 7, then 4 bytes of header)
+        self.assertEqual(len(keys), 2)
 
     def test_mask_is_its_own_inverse(self) -> None:
         payload = b"\x00\x01relay\xff" * 33

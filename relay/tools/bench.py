@@ -441,7 +441,8 @@ class Publisher(BenchConnection):
         message = self._before + stamp(self._clock()) + self._after
         if self.compress:
             message = compress_frame(message)
-        self.transport.write(message * count if count > 1 else message)
+        # A sequence of whole frames: over WebSocket, each its own message.
+        self.transport.writeSequence([message] * count)
         self.published += count
 
 

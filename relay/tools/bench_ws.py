@@ -33,7 +33,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.wsmapping import PATH, SUBPROTOCOL
+from relay.wsmapping import PATH, SUBPROTOCOL, mask
 
 DEFAULT_PORTS = {"ws": 80, "wss": 443}
 CONNECT_TIMEOUT_SECONDS = 30.0
@@ -86,19 +86,6 @@ def client_frame(payload: bytes, key: bytes) -> bytes:
 def control_frame(first: int, payload: bytes, key: bytes) -> bytes:
     """A masked control frame (payload at most 125 bytes)."""
     return bytes((first, 0x80 | len(payload))) + key + mask(payload, key)
-
-
-def mask(payload: bytes, key: bytes) -> bytes:
-    """``payload`` XORed with the repeated 4-byte ``key`` (RFC 6455 5.3).
-
-    One XOR of two integers does it at C speed, however long the payload.
-    """
-    size = len(payload)
-    if not size:
-        return b""
-    keys = (key * (size // 4 + 1))[:size]
-    value = int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")
-    return value.to_bytes(size, "little")
 
 
 def accept_value(key: bytes) -> bytes:
@@ -267,6 +254,13 @@ class WebSocketStream(Protocol):
         if not self._closing:
             self.transport.write(client_frame(payload, os.urandom(4)))
 
+    def send_each(self, payloads: list[bytes]) -> None:
+        """Send each of ``payloads`` as a binary message of its own, in one write."""
+        if not self._closing:
+            keys = os.urandom(4 * len(payloads))  # a fresh key for every frame
+            frames = [client_frame(p, keys[4 * n : 4 * n + 4]) for n, p in enumerate(payloads)]
+            self.transport.write(b"".join(frames))
+
     def close(self) -> None:
         """Begin the closing handshake; the server closes the TCP connection."""
         if not self._closing:
@@ -300,7 +294,9 @@ class WebSocketTransport:
         self._websocket.send(data)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
-        self._websocket.send(b"".join(data))
+        # Each element its own message (relay.wsmapping), as a browser sends
+        # each frame: a publisher's batch is many messages, not one.
+        self._websocket.send_each(list(data))
 
     def loseConnection(self) -> None:
         self._websocket.close()
