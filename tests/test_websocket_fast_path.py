@@ -27,7 +27,7 @@ from relay import wsmapping
 from relay.server import websocket
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.server.fanout import Fanout
-from relay.wire import Decoder, MessageType, encode, encode_json, loads
+from relay.wire import Decoder, Flags, MessageType, encode, encode_binary_message, encode_json, loads
 
 
 class RecordingStream(StringTransport):
@@ -225,6 +225,123 @@ class AutobahnPathTests(FastPathTestCase):
         sent = client.websocket.trafficStats.outgoingWebSocketMessages
         client.relay.transport.write_entries([encode(MessageType.HEARTBEAT, 0, b"")])
         self.assertEqual(client.websocket.trafficStats.outgoingWebSocketMessages, sent + 1)
+
+class InboundTests(FastPathTestCase):
+    """Small binary messages are read by Relay; everything else by autobahn."""
+
+    # No closing-handshake timer: autobahn would start it on the global reactor.
+    protocol_options = {"closeHandshakeTimeout": 0}
+
+    def wire_bytes(self, client: Client) -> bytes:
+        """A mix of frames as one client stream: small and large messages,
+        a ping, and a fragmented message between them."""
+        peer = client.peer
+        peer.send_binary(publish("lobby", 0))
+        peer.send_binary(publish("lobby", 1))
+        peer.send_ping(b"are you there")
+        fragmented = publish("lobby", 2)
+        peer.send_binary(fragmented[:5], fin=False)
+        peer.send_continuation(fragmented[5:], fin=True)
+        peer.send_binary(publish("lobby", "x" * websocket.SMALL_MESSAGE))  # autobahn's
+        peer.send_binary(publish("lobby", 3) + publish("lobby", 4))  # two frames, one message
+        return b"".join(peer.data_to_send())
+
+    def test_every_frame_arrives_in_order_however_the_stream_is_split(self) -> None:
+        for cut in range(1, 160, 3):
+            publisher, member = self.joined("publisher"), self.joined("member")
+            data = self.wire_bytes(publisher)
+            for at in range(0, len(data), cut):
+                publisher.stream.protocol.dataReceived(data[at : at + cut])
+            got = contents(member.messages())
+            self.assertEqual(got, [0, 1, 2, "x" * websocket.SMALL_MESSAGE, 3, 4], f"cut every {cut}")
+            pongs = [e for e in publisher.events() if e.opcode is Opcode.PONG]
+            self.assertEqual([pong.data for pong in pongs], [b"are you there"])
+            publisher.lose()
+            member.lose()
+
+    def test_a_read_that_starts_inside_autobahn_s_frame_is_autobahn_s(self) -> None:
+        # A large message whose payload holds what looks like a small frame,
+        # split just before it: that is payload, not a frame.
+        publisher, member = self.joined("publisher"), self.joined("member")
+        key = b"\x07\x07\x07\x07"
+        lookalike = publish("lobby", "not a message")
+        lookalike = bytes((0x82, 0x80 | len(lookalike))) + key + wsmapping.mask(lookalike, key)
+        data = b"\x00" * 3000 + lookalike
+        frame = encode(MessageType.MESSAGE, Flags.BINARY, encode_binary_message("lobby", data))
+        zero = b"\x00\x00\x00\x00"  # a key that leaves the payload as it is
+        stream = bytes((0x82, 0x80 | 126)) + len(frame).to_bytes(2, "big") + zero + frame
+        split = stream.index(lookalike)
+        publisher.stream.protocol.dataReceived(stream[:split])
+        publisher.stream.protocol.dataReceived(stream[split:])
+        [delivered] = member.messages()
+        self.assertTrue(delivered.endswith(lookalike))
+
+    def test_a_read_that_starts_inside_a_ping_is_autobahn_s(self) -> None:
+        # A control frame is no message: only autobahn's current frame says
+        # that the read begins inside one.
+        publisher, member = self.joined("publisher"), self.joined("member")
+        key, zero = b"\x07\x07\x07\x07", b"\x00\x00\x00\x00"
+        lookalike = publish("lobby", "not a message")
+        lookalike = bytes((0x82, 0x80 | len(lookalike))) + key + wsmapping.mask(lookalike, key)
+        ping_head = bytes((0x89, 0x80 | len(lookalike))) + zero
+        publisher.stream.protocol.dataReceived(ping_head + lookalike[:1])
+        publisher.stream.protocol.dataReceived(lookalike[1:])
+        self.assertEqual(member.messages(), [])
+        [pong] = [event for event in publisher.events() if event.opcode is Opcode.PONG]
+        self.assertEqual(pong.data, lookalike)
+
+    def test_a_read_that_starts_inside_a_frame_header_is_autobahn_s(self) -> None:
+        # Split after a header's first byte, the rest of that header reads
+        # like another small frame's start: it must not be taken for one.
+        publisher, member = self.joined("publisher"), self.joined("member")
+        frame, key = publish("lobby", 0), b"\x85\x00\x00\x00"
+        head = bytes((0x82, 0x80 | 2)) + key + wsmapping.mask(frame[:2], key)
+        rest = bytes((0x82, 0x80 | (len(frame) - 2))) + key + wsmapping.mask(frame[2:], key)
+        publisher.stream.protocol.dataReceived(head[:1])
+        publisher.stream.protocol.dataReceived(head[1:] + rest)
+        self.assertEqual(contents(member.messages()), [0])
+
+    def test_a_new_message_inside_a_fragmented_one_is_still_a_protocol_error(self) -> None:
+        publisher, member = self.joined("publisher"), self.joined("member")
+        key = b"\x01\x02\x03\x04"
+        first, second = publish("lobby", 0), publish("lobby", 1)
+        unfinished = bytes((0x02, 0x80 | len(first))) + key + wsmapping.mask(first, key)
+        publisher.stream.protocol.dataReceived(unfinished)
+        publisher.stream.protocol.dataReceived(bytes((0x82, 0x80 | len(second))) + key + wsmapping.mask(second, key))
+        self.assertEqual(member.messages(), [])
+        self.assert_protocol_error(publisher)
+
+    def test_small_messages_skip_autobahn_s_frame_reader_however_split(self) -> None:
+        publisher, member = self.joined("publisher"), self.joined("member")
+        frames = publisher.websocket.trafficStats.incomingWebSocketFrames
+        for n in range(40):
+            publisher.peer.send_binary(publish("lobby", n))
+        data = b"".join(publisher.peer.data_to_send())
+        for at in range(0, len(data), 5):
+            publisher.stream.protocol.dataReceived(data[at : at + 5])
+        self.assertEqual(contents(member.messages()), list(range(40)))
+        self.assertEqual(publisher.websocket.trafficStats.incomingWebSocketFrames, frames)
+
+    def assert_protocol_error(self, client: Client) -> None:
+        closes = [event for event in client.events() if event.opcode is Opcode.CLOSE]
+        self.assertEqual(len(closes), 1)
+        self.assertEqual(int.from_bytes(closes[0].data[:2], "big"), 1002)
+
+    def test_an_unmasked_client_frame_is_still_a_protocol_error(self) -> None:
+        publisher, member = self.joined("publisher"), self.joined("member")
+        frame = publish("lobby", 0)
+        publisher.stream.protocol.dataReceived(bytes((0x82, len(frame))) + frame)
+        self.assertEqual(member.messages(), [])
+        self.assert_protocol_error(publisher)
+
+    def test_a_length_not_minimally_encoded_is_still_a_protocol_error(self) -> None:
+        publisher, member = self.joined("publisher"), self.joined("member")
+        frame, key = publish("lobby", 0), b"\x01\x02\x03\x04"
+        head = bytes((0x82, 0x80 | 126)) + len(frame).to_bytes(2, "big") + key
+        publisher.stream.protocol.dataReceived(head + wsmapping.mask(frame, key))
+        self.assertEqual(member.messages(), [])
+        self.assert_protocol_error(publisher)
+
 
 class ClosingTests(FastPathTestCase):
     # No closing-handshake timer: autobahn would start it on the global reactor.

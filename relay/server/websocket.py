@@ -55,6 +55,7 @@ from relay.wsmapping import (
     ACCEPTED_SUBPROTOCOLS,
     PATH,
     BinaryMessageTransport,
+    mask,
     max_message_size,
     refuse_text,
 )
@@ -101,6 +102,49 @@ def message_header(size: int) -> bytes:
     if size < 0x10000:
         return _MEDIUM_HEADER.pack(_BINARY_FINAL, 126, size)
     return _LONG_HEADER.pack(_BINARY_FINAL, 127, size)
+
+
+# Client messages up to this size are read by Relay itself (below);
+# autobahn's masker is the faster one past it, and its per-frame work no
+# longer matters next to the payload's.
+SMALL_MESSAGE = 2048
+_U16 = struct.Struct("!H")
+
+
+# What small_client_message says of the beginning of a small message.
+INCOMPLETE = (-1, -1, b"")
+
+
+def small_client_message(data: bytes, offset: int, largest: int) -> tuple[int, int, bytes] | None:
+    """Where the payload of the client frame at ``data[offset:]`` lies, and its
+    masking key, if that frame is a whole binary message of at most
+    ``largest`` bytes: final, masked, no extension bits, minimal length.
+
+    ``INCOMPLETE`` if the bytes there are the start of such a frame; None
+    for anything else (a control frame, text, a fragment, an unmasked or
+    larger frame), which is autobahn's to read.
+    """
+    available = len(data) - offset
+    if available < 2:
+        return INCOMPLETE if not available or data[offset] == _BINARY_FINAL else None
+    second = data[offset + 1]
+    size = second & 0x7F
+    if data[offset] != _BINARY_FINAL or not second & 0x80 or size == 127:
+        return None
+    start = offset + 6
+    if size == 126:
+        if available < 4:
+            return INCOMPLETE
+        size = _U16.unpack_from(data, offset + 2)[0]
+        if size < 126:  # not minimal: autobahn fails the connection
+            return None
+        start += 2
+    if size > largest:
+        return None
+    end = start + size
+    if end > len(data):
+        return INCOMPLETE
+    return start, end, data[start - 4 : start]
 
 
 def framed(fanout: Fanout, largest: int) -> bytes | None:
@@ -208,6 +252,11 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket connection carrying one ``RelayProtocol``."""
 
     relay: RelayProtocol | None = None
+    # The largest client message Relay reads itself; 0: autobahn reads all.
+    _small_message = 0
+    # The start of a small message, kept for the next read (at most
+    # _small_message + 8 bytes); autobahn then holds nothing.
+    _partial = b""
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # A client that offers no subprotocol is served anyway: refusing it
@@ -228,6 +277,11 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         if ISSLTransport.providedBy(stream):
             # The TLS handshake finished before the upgrade request arrived.
             self.relay.handshakeCompleted()
+        if self.requireMaskedClientFrames and not (
+            self.websocket_extensions_in_use or self.logFrames or self.trackTimings
+        ):
+            limits = [size for size in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if size]
+            self._small_message = min(SMALL_MESSAGE, *limits)
 
     def _frames_as_autobahn_would(self) -> bool:
         """Whether ``message_header`` frames messages as autobahn would here.
@@ -241,9 +295,49 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         # Every message of a read is handled before anything is written, as
         # the frames of a TCP read are: one flush per read, not per message.
         try:
-            super().dataReceived(data)
+            rest = self._receive_small_messages(data)
+            if rest:
+                super().dataReceived(rest)
         finally:
             self.factory.relay_factory.flush()
+
+    def _receive_small_messages(self, data: bytes) -> bytes:
+        """Hand the small binary messages at the start of ``data`` to the relay
+        connection; return the rest, from the first frame autobahn must read.
+
+        autobahn reads a client frame in several Python calls, each more
+        than Relay's own handling of the message inside: for the common
+        frame (see ``small_client_message``) that is most of a WebSocket
+        publish.  Only while autobahn holds nothing, between messages, so
+        what it reads next always starts at a frame boundary; the start of
+        a small message at the end of a read waits here for the rest,
+        rather than be handed to autobahn.
+        """
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        largest = self._small_message  # 0 until the WebSocket is open
+        if not largest or self.state != self.STATE_OPEN:
+            return data
+        if self.data or self.current_frame is not None or self.inside_message:
+            return data  # autobahn is inside a frame or a message
+        # The payloads are one byte stream (relay.wsmapping): the relay
+        # connection takes them all at once, as it takes a TCP read.
+        payloads = []
+        offset = 0
+        while True:
+            frame = small_client_message(data, offset, largest)
+            if frame is None:
+                rest = data[offset:] if offset else data
+                break
+            if frame is INCOMPLETE:
+                self._partial, rest = data[offset:], b""
+                break
+            start, end, key = frame
+            payloads.append(mask(data[start:end], key))
+            offset = end
+        if payloads:
+            self.relay.receive(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+        return rest
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Once either side has sent a close frame, later messages are moot.
