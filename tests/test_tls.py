@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from typing import Any
 
@@ -24,6 +25,7 @@ from relay.client.endpoints import build_endpoint, connect
 from relay.pem import load_certificates
 from relay.server import tls
 from relay.server.factory import RelayConfig, RelayFactory
+from relay.server.protocol import stream_socket
 from relay.server.tap import Options, makeService
 from relay.wire import ErrorCode, MessageType
 from tests.support import FrameClient, _disconnect, connect_frame_client
@@ -212,6 +214,15 @@ class TLSTests(TLSTestCase):
         plain.send_json(MessageType.MESSAGE, {"room": "mixed", "content": "over TCP"})
         _, body = await secure.next_json()
         self.assertEqual((body["from"], body["content"]), ("plain", "over TCP"))
+
+    async def test_the_socket_under_tls_sends_without_nagle_delay(self) -> None:
+        secure = await self.connect_tls()
+        await secure.hello(userId="secure")
+        [connection] = self.factory.connections
+        sock = stream_socket(connection.transport)
+        self.assertIsNot(sock, connection.transport.getHandle())  # TLS's handle is no socket
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
 
     async def test_listener_binds_the_interface_of_its_description(self) -> None:
         self.assertEqual(self.tls_port.getHost().host, "127.0.0.1")

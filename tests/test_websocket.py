@@ -6,6 +6,7 @@ pool; the server stays on the reactor.
 
 from __future__ import annotations
 
+import socket
 import ssl as stdlib_ssl
 import struct
 import tempfile
@@ -275,6 +276,14 @@ class ExchangeTests(WebSocketTestCase):
         terminal.send_json(MessageType.MESSAGE, {"room": "r", "content": "from tcp"})
         type_, body = await browser.next_json()
         self.assertEqual((type_, body["from"], body["content"]), (MessageType.MESSAGE, "term", "from tcp"))
+
+    async def test_the_socket_under_a_websocket_sends_without_nagle_delay(self) -> None:
+        # As on TCP: a chat delivery must not wait for the peer's delayed ACK.
+        browser = await self.connect_ws()
+        await browser.request(MessageType.HELLO, {"userId": "web"})
+        sock = self.server_side("web").transport.stream.getHandle()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
 
     async def test_frame_split_across_two_messages(self) -> None:
         client = await self.connect_ws()

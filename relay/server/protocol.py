@@ -24,7 +24,7 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -94,6 +94,8 @@ _OPEN = State.OPEN
 _DRAINING = State.DRAINING
 _BINARY = int(Flags.BINARY)
 _MESSAGE = int(MessageType.MESSAGE)
+# The socket families that TCP options apply to.
+_INET = (socket.AF_INET, socket.AF_INET6)
 
 _ALLOWED_TRANSITIONS = {
     State.INIT: {State.OPEN},
@@ -251,13 +253,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
         send = None if self._keeps_message_boundaries else socket_send(self.transport)
         if send is not None:
             self._send = send
-        if ITCPTransport.providedBy(self.transport):
+        sock = stream_socket(self.transport)  # under TLS and WebSocket too
+        if sock is not None and sock.family in _INET:
             # Finds peers that vanished without a word, even with no idle timeout.
-            self.transport.setTcpKeepAlive(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             # Each flush is one write of all that is due: Nagle's algorithm
             # would only hold a small delivery back until the peer's
             # delayed ACK (up to 40 ms), as Redis and NATS know.
-            self.transport.setTcpNoDelay(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport.registerProducer(self, True)
         self.factory.connection_opened(self)
         if self._auth is not None and self.factory.config.hello_timeout:
@@ -1058,21 +1061,28 @@ def cap_send_buffer(transport: Any, size: int) -> None:
     """
     if not size:
         return
-    sock = None
-    # TLS wraps the socket's transport (its own handle is the TLS
-    # connection), and WebSocket wraps a TCP or TLS stream: look underneath.
+    sock = stream_socket(transport)
+    if sock is not None and sock.family in _INET:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError as error:
+            log.warn("Could not cap the socket send buffer: {error}", error=error)
+
+
+def stream_socket(transport: Any) -> socket.socket | None:
+    """The socket under ``transport``, or None (a transport without one).
+
+    TLS wraps the socket's transport (its own handle is the TLS
+    connection), and WebSocket wraps a TCP or TLS stream: look underneath.
+    """
     layer = transport
     for _ in range(3):
         handle = getattr(layer, "getHandle", None)
         sock = handle() if handle is not None else None
         if isinstance(sock, socket.socket):
-            break
+            return sock
         layer = getattr(layer, "stream", None) or getattr(layer, "transport", None)
-    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        except OSError as error:
-            log.warn("Could not cap the socket send buffer: {error}", error=error)
+    return None
 
 
 def _type_name(type_: int) -> str:
