@@ -45,7 +45,7 @@ from relay.wire import (
     encode_json,
     loads,
 )
-from tests.support import FrameClient, connect_frame_client, permissive_decoder
+from tests.support import FrameClient, connect_frame_client, permissive_decoder, wait_until
 
 TIMEOUT = 10.0
 
@@ -284,6 +284,39 @@ class ExchangeTests(WebSocketTestCase):
         sock = self.server_side("web").transport.stream.getHandle()
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+
+    async def joined_pair(self) -> tuple[WebSocketClient, FrameClient]:
+        """A WebSocket member ("web") and a TCP member ("term") of room r."""
+        browser = await self.connect_ws()
+        await browser.request(MessageType.HELLO, {"userId": "web"})
+        await browser.request(MessageType.JOIN_ROOM, {"room": "r"})
+        terminal = await self.connect_tcp()
+        await terminal.hello(userId="term")
+        await terminal.join("r")
+        websocket = self.server_side("web").transport._websocket
+        await wait_until(lambda: websocket._direct is not None, "direct writes after the handshake")
+        return browser, terminal
+
+    async def test_deliveries_go_straight_to_the_socket_once_the_handshake_has_gone(self) -> None:
+        browser, terminal = await self.joined_pair()
+        stream = self.server_side("web").transport.stream
+        buffered: list[bytes] = []
+        write = stream.write
+        stream.write = lambda data: (buffered.append(data), write(data))
+        for n in range(20):
+            terminal.send_json(MessageType.MESSAGE, {"room": "r", "content": n})
+        self.assertEqual([(await browser.next_json())[1]["content"] for _ in range(20)], list(range(20)))
+        self.assertEqual(buffered, [])
+
+    async def test_autobahn_s_pongs_and_direct_deliveries_share_the_socket_frame_by_frame(self) -> None:
+        browser, terminal = await self.joined_pair()
+        for n in range(300):
+            terminal.send_json(MessageType.MESSAGE, {"room": "r", "content": n})
+            if n == 150:
+                pong = await deferToThread(browser.connection.ping, b"still there?")
+        # next_frame asserts one whole Relay frame per message.
+        self.assertEqual([(await browser.next_json())[1]["content"] for _ in range(300)], list(range(300)))
+        self.assertTrue(await deferToThread(pong.wait, TIMEOUT))
 
     async def test_frame_split_across_two_messages(self) -> None:
         client = await self.connect_ws()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import socket
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from twisted.internet.defer import Deferred
@@ -959,7 +960,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._transition(State.DRAINING)
             self._pending_bytes = 0
             self.factory.limits.outbound.hold(self, 0)
-            DrainWatch(self, self.transport, send).start()
+            DrainWatch(self, self.transport, partial(self.drained, send)).start()
         return rest
 
     def drained(self, send: Any) -> None:

@@ -29,6 +29,11 @@ bytes the transport still holds.  Twisted does not say how much it holds
   again and resumes it (DRAINING -> OPEN, which flushes what was queued).
 - Anything else (TLS, WebSocket, transports without a socket) keeps
   ``_send`` None and writes through the transport, as before.
+
+A WebSocket over plain TCP does the same one layer down: every byte its
+adapter or autobahn writes goes through ``RelayWebSocketProtocol.write_stream``
+(relay.server.websocket), which keeps the same account for the socket
+under the WebSocket and pauses the relay connection on a partial send.
 """
 
 from __future__ import annotations
@@ -61,22 +66,22 @@ def socket_send(transport: Any) -> SendFunction | None:
 
 @implementer(IPullProducer)
 class DrainWatch:
-    """Waits for a transport to run dry, in place of a paused connection.
+    """Waits for a transport to run dry, in place of its paused producer.
 
-    ``connection`` must provide ``drained(send)``; it is called once the
-    transport has sent everything it was given.
+    Once the transport has sent everything it was given, ``producer`` is
+    its streaming producer again and ``drained()`` is called.
     """
 
-    __slots__ = ("_connection", "_transport", "_send", "_registering")
+    __slots__ = ("_producer", "_transport", "_drained", "_registering")
 
-    def __init__(self, connection: Any, transport: Any, send: SendFunction) -> None:
-        self._connection = connection
+    def __init__(self, producer: Any, transport: Any, drained: Callable[[], None]) -> None:
+        self._producer = producer
         self._transport = transport
-        self._send = send
+        self._drained = drained
         self._registering = False
 
     def start(self) -> None:
-        """Stand in for the connection as the transport's producer."""
+        """Stand in for the producer as the transport's producer."""
         transport = self._transport
         transport.unregisterProducer()
         # A pull producer is resumed once at registration: that call says
@@ -88,14 +93,14 @@ class DrainWatch:
             self._registering = False
 
     def resumeProducing(self) -> None:
-        """The transport's buffer ran dry: hand back to the connection."""
+        """The transport's buffer ran dry: hand back to the producer."""
         if self._registering:
             return
         transport = self._transport
         transport.unregisterProducer()
-        transport.registerProducer(self._connection, True)
-        self._connection.drained(self._send)
+        transport.registerProducer(self._producer, True)
+        self._drained()
 
     def stopProducing(self) -> None:
-        """The connection is lost: the connection's own stopProducing."""
-        self._connection.stopProducing()
+        """The connection is lost: the producer's own stopProducing."""
+        self._producer.stopProducing()

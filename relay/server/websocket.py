@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import struct
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -50,7 +51,8 @@ from zope.interface import implementer
 
 from relay.server.factory import RelayFactory
 from relay.server.fanout import Fanout
-from relay.server.protocol import IMessageTransport, RelayProtocol
+from relay.server.protocol import IMessageTransport, RelayProtocol, State
+from relay.server.socket_write import DrainWatch, socket_send
 from relay.wsmapping import (
     ACCEPTED_SUBPROTOCOLS,
     PATH,
@@ -214,7 +216,7 @@ class MessageTransport(BinaryMessageTransport):
         if data is None:
             self.writeSequence(_frames_of(entries))
         else:
-            websocket.transport.write(data)
+            websocket.write_stream(data)
 
     def _framed(self, entries: list[bytes | Fanout]) -> bytes | None:
         """The messages of ``entries`` as stream bytes; None if one is too big."""
@@ -257,6 +259,12 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     # The start of a small message, kept for the next read (at most
     # _small_message + 8 bytes); autobahn then holds nothing.
     _partial = b""
+    # The socket's send while the stream holds no unsent byte, as for a
+    # TCP connection (relay.server.socket_write); None: through the stream.
+    _direct: Callable[[bytes], int] | None = None
+    # True once autobahn queued a write of its own for later: from then on
+    # every byte goes through the stream.
+    _direct_ended = False
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         # A client that offers no subprotocol is served anyway: refusing it
@@ -282,6 +290,59 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         ):
             limits = [size for size in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if size]
             self._small_message = min(SMALL_MESSAGE, *limits)
+        send = socket_send(stream)
+        if send is not None and not self.logOctets:
+            # The handshake's answer is still in the stream's buffer: write
+            # directly once it has gone.
+            self._wait_for_drain(send)
+
+    def write_stream(self, data: bytes) -> None:
+        """Write ``data`` to the socket: every byte of an open WebSocket
+        goes through here, autobahn's (``sendData``) and Relay's alike, so
+        a direct ``send()`` never overtakes bytes the stream still holds.
+
+        A partial send hands the rest to the stream and pauses the relay
+        connection (DRAINING) until the stream has sent it all.
+        """
+        send = self._direct
+        if send is not None:
+            try:
+                sent = send(data)
+            except OSError:  # full, or broken: the stream finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            relay = self.relay
+            if relay is not None and relay.state is State.OPEN:
+                relay.pauseProducing()
+            self._wait_for_drain(send)
+        self.transport.write(data)
+
+    def _wait_for_drain(self, send: Callable[[bytes], int]) -> None:
+        """Write through the stream until it has sent all it holds."""
+        self._direct = None
+        if self.relay is not None:
+            DrainWatch(self.relay, self.transport, partial(self._drained, send)).start()
+
+    def _drained(self, send: Callable[[bytes], int]) -> None:
+        if not self._direct_ended:
+            self._direct = send
+        if self.relay is not None:
+            self.relay.resumeProducing()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # autobahn's one way to the socket (control frames, and messages it
+        # frames itself).  Its queued and chopped writes go out later, from
+        # its own timer: those end direct writes for this connection.
+        if sync or chopsize or self.send_queue:
+            self._direct = None
+            self._direct_ended = True
+            super().sendData(data, sync, chopsize)
+        elif self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING:
+            self.write_stream(data)
+        else:
+            super().sendData(data, sync, chopsize)
 
     def _frames_as_autobahn_would(self) -> bool:
         """Whether ``message_header`` frames messages as autobahn would here.
