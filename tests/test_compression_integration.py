@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import endpoints, reactor
+from twisted.internet import defer, endpoints, reactor
 from twisted.trial import unittest
 
 from relay.client import Message, RelayClientProtocol, connect
@@ -47,9 +47,15 @@ async def raw_member(client: FrameClient, user: str, compressing: bool, room: st
     await client.join(room)
 
 
-async def messages(client: RelayClientProtocol, count: int) -> list[Message]:
+def messages(client: RelayClientProtocol, count: int) -> defer.Deferred[list[Message]]:
+    """The next ``count`` messages ``client`` receives, subscribed to at once:
+    a delivery may arrive before the caller first waits."""
     stream = client.messages()
-    return [await stream.__anext__() for _ in range(count)]
+
+    async def collect() -> list[Message]:
+        return [await stream.__anext__() for _ in range(count)]
+
+    return defer.ensureDeferred(collect())
 
 
 class ClientLibraryTests(IntegrationTestCase):
