@@ -157,7 +157,6 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._max_delivery = config.max_frame_size + MAX_ENVELOPE
         self._reactor = factory.reactor
         self._batch = factory.batch
-        self._rooms_get = factory.registry.get
         self.callLater = factory.reactor.callLater  # for TimeoutMixin
         self._decoder = Decoder(config.max_frame_size)
         self.state = State.INIT
@@ -684,7 +683,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return
         request_id, name, content = parse_publish(frame)
         # Most names are sent as joined (and, with auth, granted).
-        room = self._rooms_get(name) if name in self._publishable else self._member_room(name, request_id)
+        if name in self._publishable:
+            room = self.factory.registry.get(name)  # the registry dict's own get
+        else:
+            room = self._member_room(name, request_id)
         try:
             delivery = encode_json(
                 _MESSAGE,
@@ -728,7 +730,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                     ErrorCode.FORBIDDEN, f"publishing to room {normalized!r} is not granted", request_id
                 )
             name = normalized
-        return self._rooms_get(name)
+        return self.factory.registry.get(name)
 
     def _publish(self, room: Room, delivery: bytes, request_id: Any) -> None:
         if len(delivery) - 4 > self._max_delivery:
