@@ -94,6 +94,17 @@ class Fanout:
         return self.joined
 
 
+def frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
+    """Outbox entries (frames and Fanouts) as single frames, in order."""
+    frames: list[bytes] = []
+    for entry in entries:
+        if type(entry) is Fanout:
+            frames.extend(entry.frames)
+        else:
+            frames.append(entry)
+    return frames
+
+
 class Probe(NamedTuple):
     """What one sampled batch did, from its first queued frame to its flush."""
 

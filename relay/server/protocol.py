@@ -46,7 +46,7 @@ from relay.requests import (
 )
 from relay.server.auth import Grant, Unauthorized
 from relay.server.direct import DIRECT, direct_request, offline_error
-from relay.server.fanout import Fanout
+from relay.server.fanout import Fanout, frames_of
 from relay.server.history import HISTORY, parse_since
 from relay.server.limits import clip, rate_limited_error
 from relay.server.presence import PRESENCE
@@ -894,7 +894,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         """Write outbox entries: frames, and shared fanouts joined once for all."""
         stats = self.factory.stats
         if self._debug:
-            for frame in _frames_of(entries):
+            for frame in frames_of(entries):
                 self._trace_out(frame)
         if self._keeps_message_boundaries:
             self._write_messages(entries)
@@ -1019,17 +1019,6 @@ def negotiate_features(requested: tuple[str, ...]) -> list[str]:
     in the server's order (a client that asks for nothing gets ``[]``)."""
     asked = set(requested)
     return [feature for feature in SUPPORTED_FEATURES if feature in asked]
-
-
-def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
-    """Outbox entries as single frames (for transports that keep boundaries)."""
-    frames: list[bytes] = []
-    for entry in entries:
-        if type(entry) is Fanout:
-            frames.extend(entry.frames)
-        else:
-            frames.append(entry)
-    return frames
 
 
 def _outbox_bytes(entries: list[bytes | Fanout]) -> int:

@@ -50,7 +50,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from relay.server.factory import RelayFactory
-from relay.server.fanout import Fanout
+from relay.server.fanout import Fanout, frames_of
 from relay.server.protocol import IMessageTransport, RelayProtocol, State
 from relay.server.socket_write import DrainWatch, socket_send
 from relay.wsmapping import (
@@ -169,16 +169,6 @@ def framed(fanout: Fanout, largest: int) -> bytes | None:
     return data
 
 
-def _frames_of(entries: list[bytes | Fanout]) -> list[bytes]:
-    frames: list[bytes] = []
-    for entry in entries:
-        if type(entry) is Fanout:
-            frames.extend(entry.frames)
-        else:
-            frames.append(entry)
-    return frames
-
-
 @implementer(IMessageTransport)
 class MessageTransport(BinaryMessageTransport):
     """The transport a ``RelayProtocol`` sees on a WebSocket connection.
@@ -214,7 +204,7 @@ class MessageTransport(BinaryMessageTransport):
         if self._direct and websocket.send_state == websocket.SEND_STATE_GROUND:
             data = self._framed(entries)
         if data is None:
-            self.writeSequence(_frames_of(entries))
+            self.writeSequence(frames_of(entries))
         else:
             websocket.write_stream(data)
 
