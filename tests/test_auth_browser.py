@@ -10,18 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from twisted.internet import defer, endpoints, reactor
-from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
-from twisted.trial import unittest
+from twisted.internet import reactor
 
-from relay.server import websocket
 from relay.server.auth import Authenticator, JwtVerifier
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType
 from tests.authkeys import KeyFiles, claims, mint
-from tests.support import FrameClient, _disconnect
-from tests.test_browser import REQUIRED, chromium_page, missing_browser
+from tests.test_browser import DemoPageTestCase, chromium_page
 
 
 def log_in_and_chat(base_url: str, token: str, forged: str, on_joined: Callable[[], None]) -> dict[str, Any]:
@@ -52,49 +47,19 @@ def log_in_and_chat(base_url: str, token: str, forged: str, on_joined: Callable[
                 "errors": errors}
 
 
-class TokenLoginInBrowserTests(unittest.TestCase):
-    if missing_browser() and not REQUIRED:
-        skip = missing_browser()
-
-    async def setUp(self) -> None:
-        if missing_browser():
-            self.fail(f"RELAY_REQUIRE_BROWSER=1 but {missing_browser()}")
+class TokenLoginInBrowserTests(DemoPageTestCase):
+    def make_factory(self) -> RelayFactory:
         files = KeyFiles(self)
-        self.factory = RelayFactory(RelayConfig(), reactor=reactor,
-                                    auth=Authenticator(jwt_verifier=JwtVerifier(files.secret(), leeway=0)))
-        self.http_port = await self.listen(websocket.make_site(self.factory))
-        self.tcp_port = await self.listen(self.factory)
-        self.addCleanup(self.factory.wait_closed)
-
-    async def listen(self, factory: Any) -> Any:
-        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        return port
+        return RelayFactory(RelayConfig(), reactor=reactor,
+                            auth=Authenticator(jwt_verifier=JwtVerifier(files.secret(), leeway=0)))
 
     async def test_the_page_logs_in_with_a_token_sent_in_hello(self) -> None:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        terminal = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, terminal)
-        await terminal.hello(token=mint(claims(sub="term", rooms=["demo"], now=time.time())))
+        terminal = await self.terminal(token=mint(claims(sub="term", rooms=["demo"], now=time.time())))
         await terminal.join("demo")
 
         token = mint(claims(sub="browser", rooms=["demo"], now=time.time()))
         forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-        base_url = f"http://127.0.0.1:{self.http_port.getHost().port}/"
-        joined: defer.Deferred[None] = defer.Deferred()
-        browser = deferToThread(log_in_and_chat, base_url, token, forged,
-                                lambda: reactor.callFromThread(joined.callback, None))
-
-        def unblock(result: Any) -> Any:
-            if not joined.called:
-                joined.errback(result if isinstance(result, Failure)
-                               else AssertionError("the page finished without joining"))
-                return None
-            return result
-
-        browser.addBoth(unblock)
-        self.addCleanup(lambda: browser)
-        await joined
+        browser = await self.page_joined(log_in_and_chat, token, forged)
 
         terminal.send_json(MessageType.MESSAGE, {"room": "demo", "content": "hello browser"})
         type_, body = await terminal.next_json()

@@ -79,6 +79,15 @@ def missing_browser() -> str | None:
     return None
 
 
+def connect_and_join(page: Any, user: str, room: str) -> None:
+    """On the demo page: connect as ``user`` and ask to join ``room``."""
+    page.fill("#user", user)
+    page.click("#connect")
+    page.wait_for_selector('#status[data-state="connected"]')
+    page.fill("#room", room)
+    page.click("#join")
+
+
 def drive_page(base_url: str, on_joined: Callable[[], None]) -> dict[str, Any]:
     """In a thread: open the demo page, connect, join room ``demo``, wait for
     a TCP client's message, then send one from the page.
@@ -86,11 +95,7 @@ def drive_page(base_url: str, on_joined: Callable[[], None]) -> dict[str, Any]:
     Returns what the page saw: its log, the URLs it requested, its errors.
     """
     with chromium_page(base_url) as (page, requests, errors):
-        page.fill("#user", "browser")
-        page.click("#connect")
-        page.wait_for_selector('#status[data-state="connected"]')
-        page.fill("#room", "demo")
-        page.click("#join")
+        connect_and_join(page, "browser", "demo")
         page.locator("#log li", has_text="joined demo").wait_for()
         on_joined()
         page.locator("#log li.message", has_text="term: hello from tcp").wait_for()
@@ -100,14 +105,28 @@ def drive_page(base_url: str, on_joined: Callable[[], None]) -> dict[str, Any]:
         return {"log": page.inner_text("#log"), "requests": requests, "errors": errors}
 
 
-class DemoPageInBrowserTests(unittest.TestCase):
+class BrowserTestCase(unittest.TestCase):
+    """A test that drives headless Chromium: skipped without it, unless
+    RELAY_REQUIRE_BROWSER=1 makes that a failure."""
+
     if missing_browser() and not REQUIRED:
         skip = missing_browser()
 
-    async def setUp(self) -> None:
+    def setUp(self) -> None:
         if missing_browser():
             self.fail(f"RELAY_REQUIRE_BROWSER=1 but {missing_browser()}")
-        self.factory = RelayFactory(RelayConfig(), reactor=reactor)
+
+
+class DemoPageTestCase(BrowserTestCase):
+    """The demo page's server: one factory on an HTTP listener (WebSocket
+    and the page) and on a TCP one, for the page and TCP clients."""
+
+    def make_factory(self) -> RelayFactory:
+        return RelayFactory(RelayConfig(), reactor=reactor)
+
+    async def setUp(self) -> None:
+        super().setUp()
+        self.factory = self.make_factory()
         self.http_port = await self.listen(websocket.make_site(self.factory))
         self.tcp_port = await self.listen(self.factory)
         self.addCleanup(self.factory.wait_closed)
@@ -118,16 +137,23 @@ class DemoPageInBrowserTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         return port
 
-    async def test_page_and_tcp_client_exchange_messages(self) -> None:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        terminal = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, terminal)
-        await terminal.hello(userId="term")
-        await terminal.join("demo")
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port.getHost().port}/"
 
-        base_url = f"http://127.0.0.1:{self.http_port.getHost().port}/"
+    async def terminal(self, **hello: Any) -> FrameClient:
+        """A TCP client of the server, past its HELLO."""
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
+        client = await endpoints.connectProtocol(tcp, FrameClient())
+        self.addCleanup(_disconnect, client)
+        await client.hello(**hello)
+        return client
+
+    async def page_joined(self, drive: Callable[..., dict[str, Any]], *args: Any) -> defer.Deferred[dict[str, Any]]:
+        """Run ``drive(base_url, *args, on_joined)`` in a thread, and return
+        once the page called ``on_joined``: the Deferred of what it returns."""
         joined: defer.Deferred[None] = defer.Deferred()
-        browser = deferToThread(drive_page, base_url, lambda: reactor.callFromThread(joined.callback, None))
+        browser = deferToThread(drive, self.base_url, *args, lambda: reactor.callFromThread(joined.callback, None))
 
         def unblock(result: Any) -> Any:
             # A page that fails before joining must not leave the test waiting.
@@ -142,6 +168,15 @@ class DemoPageInBrowserTests(unittest.TestCase):
         # The browser and Chromium are gone before the reactor is checked.
         self.addCleanup(lambda: browser)
         await joined
+        return browser
+
+
+class DemoPageInBrowserTests(DemoPageTestCase):
+    async def test_page_and_tcp_client_exchange_messages(self) -> None:
+        terminal = await self.terminal(userId="term")
+        await terminal.join("demo")
+        base_url = self.base_url
+        browser = await self.page_joined(drive_page)
 
         terminal.send_json(MessageType.MESSAGE, {"room": "demo", "content": "hello from tcp"})
         type_, body = await terminal.next_json()
@@ -164,11 +199,7 @@ def drive_reconnecting_page(base_url: str, server: Callable[[str], Any]) -> dict
     ``server("drop")``, run on the reactor), and the page must come back,
     re-join and list its members again each time."""
     with chromium_page(base_url) as (page, _, errors):
-        page.fill("#user", "browser")
-        page.click("#connect")
-        page.wait_for_selector('#status[data-state="connected"]')
-        page.fill("#room", "demo")
-        page.click("#join")
+        connect_and_join(page, "browser", "demo")
         page.locator("#members li", has_text="term").wait_for()
         page.locator("#members li", has_text="browser").wait_for()
         server("join")
@@ -187,23 +218,11 @@ def drive_reconnecting_page(base_url: str, server: Callable[[str], Any]) -> dict
         return {"log": page.inner_text("#log"), "lists": lists, "errors": errors}
 
 
-class DemoPageReconnectTests(unittest.TestCase):
-    if missing_browser() and not REQUIRED:
-        skip = missing_browser()
-
-    # The same server as the exchange test: one factory, HTTP and TCP listeners.
-    setUp = DemoPageInBrowserTests.setUp
-    listen = DemoPageInBrowserTests.listen
-
+class DemoPageReconnectTests(DemoPageTestCase):
     async def test_member_list_follows_presence_and_the_page_reconnects(self) -> None:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        terminal = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, terminal)
-        await terminal.hello(userId="term")
+        terminal = await self.terminal(userId="term")
         await terminal.join("demo")
-        late = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, late)
-        await late.hello(userId="late")
+        late = await self.terminal(userId="late")
 
         async def step(name: str) -> None:
             if name == "join":
@@ -218,9 +237,8 @@ class DemoPageReconnectTests(unittest.TestCase):
                 [page] = [c for c in self.factory.connections if c.user_id == "browser"]
                 page.transport.abortConnection()
 
-        base_url = f"http://127.0.0.1:{self.http_port.getHost().port}/"
         seen = await deferToThread(
-            drive_reconnecting_page, base_url,
+            drive_reconnecting_page, self.base_url,
             lambda name: blockingCallFromThread(reactor, lambda: defer.ensureDeferred(step(name))),
         )
         self.assertEqual(seen["errors"], [])

@@ -22,13 +22,12 @@ from typing import Any, Callable
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial import unittest
 
 from relay.server.tap import Options, makeService
 from relay.tools.bench import Bench, BenchConfig
 from tests.scrape import Scrape
 from tests.support import connect_frame_client
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, REQUIRED, missing_browser, sync_playwright
+from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, BrowserTestCase, sync_playwright
 
 # Milliseconds the page gets for each step on a loaded machine.
 STEP_TIMEOUT = 30_000
@@ -138,15 +137,11 @@ def png_colours(png: bytes) -> dict[bytes, int]:
     return counts
 
 
-class DashboardInBrowserTests(unittest.TestCase):
-    if missing_browser() and not REQUIRED:
-        skip = missing_browser()
-
+class DashboardInBrowserTests(BrowserTestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        if missing_browser():
-            self.fail(f"RELAY_REQUIRE_BROWSER=1 but {missing_browser()}")
+        super().setUp()
         options = Options()
         options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"])
         self.service = makeService(options, reactor=reactor)

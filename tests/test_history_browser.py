@@ -5,16 +5,14 @@ from __future__ import annotations
 import queue
 from typing import Any, Callable
 
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial import unittest
 
-from relay.server import websocket
 from relay.server.factory import RelayConfig, RelayFactory
 from relay.wire import MessageType
-from tests.support import FrameClient, _disconnect
-from tests.test_browser import REQUIRED, STEP_TIMEOUT, chromium_page, missing_browser
+from tests.support import FrameClient
+from tests.test_browser import STEP_TIMEOUT, DemoPageTestCase, chromium_page
 
 
 def drive_page(base_url: str, away: Callable[[str], Any]) -> dict[str, Any]:
@@ -42,25 +40,11 @@ def drive_page(base_url: str, away: Callable[[str], Any]) -> dict[str, Any]:
         return {"log": page.inner_text("#log"), "errors": errors}
 
 
-class HistoryInBrowserTests(unittest.TestCase):
-    if missing_browser() and not REQUIRED:
-        skip = missing_browser()
-
+class HistoryInBrowserTests(DemoPageTestCase):
     timeout = 120
 
-    async def setUp(self) -> None:
-        if missing_browser():
-            self.fail(f"RELAY_REQUIRE_BROWSER=1 but {missing_browser()}")
-        self.factory = RelayFactory(RelayConfig(history=3), reactor=reactor)
-        self.http_port = await self.listen(websocket.make_site(self.factory))
-        self.tcp_port = await self.listen(self.factory)
-        self.addCleanup(self.factory.wait_closed)
-
-    async def listen(self, factory: Any) -> Any:
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        port = await endpoint.listen(factory)
-        self.addCleanup(port.stopListening)
-        return port
+    def make_factory(self) -> RelayFactory:
+        return RelayFactory(RelayConfig(history=3), reactor=reactor)
 
     async def publish(self, terminal: FrameClient, *contents: str) -> None:
         for content in contents:
@@ -72,10 +56,7 @@ class HistoryInBrowserTests(unittest.TestCase):
         return any(c.user_id == "browser" for c in self.factory.connections)
 
     async def test_the_page_recovers_missed_messages_once_and_says_when_it_cannot(self) -> None:
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.tcp_port.getHost().port)
-        terminal = await endpoints.connectProtocol(tcp, FrameClient())
-        self.addCleanup(_disconnect, terminal)
-        await terminal.hello(userId="term")
+        terminal = await self.terminal(userId="term")
         await terminal.join("demo")
 
         async def on_reactor(step: str) -> None:
@@ -102,7 +83,7 @@ class HistoryInBrowserTests(unittest.TestCase):
             if isinstance(result, Failure):
                 result.raiseException()
 
-        browser = deferToThread(drive_page, f"http://127.0.0.1:{self.http_port.getHost().port}/", away)
+        browser = deferToThread(drive_page, self.base_url, away)
         self.addCleanup(lambda: browser)
         seen = await browser
         log = seen["log"]
